@@ -1,0 +1,1 @@
+"""mailer: every email a Django product sends, through Celery."""

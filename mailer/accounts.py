@@ -1,0 +1,85 @@
+"""The account emails: welcome, email verification and password reset."""
+
+from __future__ import annotations
+
+from django.core import signing
+from django.urls import reverse
+from django.utils import timezone
+
+from . import api, conf
+from .contacts import contact_for_user
+from .exceptions import MailerError
+from .models import Contact, Message
+
+_VERIFY_SALT = "mailer.accounts.verify-email"
+
+
+class InvalidVerificationLink(MailerError):
+    """The verification link is forged, altered, expired or for another address."""
+
+
+def absolute_url(path: str, request=None) -> str:
+    if request is not None:
+        return request.build_absolute_uri(path)
+    return conf.get("SITE_URL").rstrip("/") + path
+
+
+def verification_token(contact: Contact) -> str:
+    """Signed and timestamped; bound to the address so it cannot verify another one."""
+    return signing.dumps({"c": contact.pk, "e": contact.email}, salt=_VERIFY_SALT, compress=True)
+
+
+def verify_email(token: str) -> Contact:
+    """Mark the contact behind a verification link verified; idempotent."""
+    try:
+        data = signing.loads(token, salt=_VERIFY_SALT, max_age=conf.get("VERIFY_MAX_AGE"))
+    except signing.SignatureExpired:
+        raise InvalidVerificationLink("This verification link has expired.") from None
+    except signing.BadSignature:
+        raise InvalidVerificationLink("This verification link is not valid.") from None
+    contact = Contact.objects.filter(pk=data.get("c"), email=data.get("e")).first()
+    if contact is None:
+        raise InvalidVerificationLink("This verification link is for an address we no longer have.")
+    if contact.verified_at is None:
+        contact.verified_at = timezone.now()
+        contact.save(update_fields=["verified_at", "updated_at"])
+    return contact
+
+
+def welcome(user, *, request=None) -> list[Message]:
+    """Link the user's contact and send welcome + verification, once per user."""
+    contact = contact_for_user(user)
+    user_name = user.get_short_name() or user.get_username()
+    verify_path = reverse("mailer:verify-email", args=[verification_token(contact)])
+    return [
+        api.send(
+            "welcome",
+            to=contact.email,
+            context={"user_name": user_name, "login_url": absolute_url("/", request)},
+            idempotency_key=f"welcome:{user.pk}",
+        ),
+        api.send(
+            "verify_email",
+            to=contact.email,
+            context={
+                "user_name": user_name,
+                "verify_url": absolute_url(verify_path, request),
+                "expires_hours": conf.get("VERIFY_MAX_AGE") // 3600,
+            },
+            idempotency_key=f"verify-email:{user.pk}:{contact.email}",
+        ),
+    ]
+
+
+def send_password_reset(user, *, reset_url: str, request=None) -> Message:
+    """The reset email; transactional, so a marketing unsubscribe never blocks it."""
+    contact = contact_for_user(user)
+    return api.send(
+        "password_reset",
+        to=contact.email,
+        context={
+            "user_name": user.get_short_name() or user.get_username(),
+            "reset_url": reset_url,
+            "expires_hours": conf.password_reset_hours(),
+        },
+    )

@@ -1,0 +1,55 @@
+"""System checks: misconfiguration caught at start-up, not at the first send."""
+
+from __future__ import annotations
+
+from django.core import checks
+
+from . import conf
+from .exceptions import MailerConfigurationError
+
+
+def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    errors: list[checks.CheckMessage] = []
+    for kind in ("transactional", "campaign"):
+        try:
+            conf.queue_name(kind)
+            conf.rate_limit(kind)
+        except MailerConfigurationError as exc:
+            errors.append(checks.Error(str(exc), id="mailer.E001"))
+
+    visibility = conf.broker_visibility_timeout()
+    countdown = float(conf.get("MAX_COUNTDOWN"))
+    if visibility is not None and countdown >= visibility:
+        errors.append(
+            checks.Error(
+                f"MAILER['MAX_COUNTDOWN'] ({countdown:.0f}s) must be shorter than the broker's "
+                f"visibility_timeout ({visibility:.0f}s), or delayed tasks run twice.",
+                id="mailer.E002",
+            )
+        )
+    limit = conf.task_time_limit()
+    if visibility is not None and limit is not None and visibility <= limit:
+        errors.append(
+            checks.Error(
+                f"The broker's visibility_timeout ({visibility:.0f}s) is shorter than "
+                f"CELERY_TASK_TIME_LIMIT ({limit:.0f}s): a long task would be handed to a "
+                "second worker while the first still runs.",
+                id="mailer.E003",
+            )
+        )
+    lease = float(conf.get("SENDING_LEASE"))
+    if limit is not None and lease <= limit:
+        errors.append(
+            checks.Error(
+                f"MAILER['SENDING_LEASE'] ({lease:.0f}s) must exceed CELERY_TASK_TIME_LIMIT "
+                f"({limit:.0f}s), or recovery may resend mail a live worker is sending.",
+                id="mailer.E004",
+            )
+        )
+    if conf.get("STUCK_POLICY") not in ("retry", "fail"):
+        errors.append(
+            checks.Error("MAILER['STUCK_POLICY'] must be 'retry' or 'fail'.", id="mailer.E005")
+        )
+    if int(conf.get("MAX_ATTEMPTS")) < 1:
+        errors.append(checks.Error("MAILER['MAX_ATTEMPTS'] must be at least 1.", id="mailer.E006"))
+    return errors

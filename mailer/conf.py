@@ -1,0 +1,147 @@
+"""The one accessor for mailer's settings: the MAILER dict over documented defaults.
+
+Values are read at call time, never at import, so ``override_settings`` works.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.conf import settings
+
+from .exceptions import MailerConfigurationError
+
+#: Every MAILER key with its default. The README's configuration table mirrors this.
+DEFAULTS: dict[str, Any] = {
+    # Queue names; routing is built from these (see route_task).
+    "QUEUES": {"transactional": "transactional", "campaign": "campaign"},
+    # Global (all worker processes) send rates per queue: "50/s", "600/m", "10000/h" or None.
+    "RATE_LIMITS": {"transactional": None, "campaign": None},
+    # Redis used for the shared token bucket; None: the broker URL if it is Redis, else the DB.
+    "REDIS_URL": None,
+    # Sender identity; None falls back to DEFAULT_FROM_EMAIL.
+    "FROM_EMAIL": None,
+    "FROM_NAME": None,
+    "APP_NAME": "Mailer",
+    # Absolute base URL for links in emails when no request is at hand.
+    "SITE_URL": "http://localhost:8000",
+    "DEFAULT_LANGUAGE": "en",
+    # Messages a worker claims and sends over one connection at a time.
+    "BATCH_SIZE": 100,
+    # A drain task hands over to a fresh task after this many seconds.
+    "DRAIN_SECONDS": 30,
+    # Delivery attempts before a transient failure becomes final.
+    "MAX_ATTEMPTS": 5,
+    # Retry delay: BASE * 2**(attempt-1), capped at MAX, with +-JITTER fraction.
+    "RETRY_BACKOFF_BASE": 30,
+    "RETRY_BACKOFF_MAX": 3600,
+    "RETRY_JITTER": 0.2,
+    # Longest countdown handed to the broker; later sends wait in the DB for beat.
+    # Must stay below the broker's visibility timeout (checked, mailer.E003).
+    "MAX_COUNTDOWN": 300,
+    # A message left in "sending" longer than this is recovered by beat.
+    "SENDING_LEASE": 600,
+    # A message due and "queued" this long without a claim wakes a worker again.
+    "QUEUED_LEASE": 120,
+    # What recovery does with a message that may or may not have left: "retry" or "fail".
+    "STUCK_POLICY": "retry",
+    # Email verification links stay valid this many seconds.
+    "VERIFY_MAX_AGE": 3 * 24 * 3600,
+    # Extra names allowed in every template besides the standard context.
+    "EXTRA_CONTEXT": [],
+}
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def get(name: str) -> Any:
+    """Return the MAILER setting ``name``, or its documented default."""
+    if name not in DEFAULTS:
+        raise MailerConfigurationError(f"Unknown MAILER setting {name!r}.")
+    user = getattr(settings, "MAILER", {}) or {}
+    value = user.get(name, DEFAULTS[name])
+    if isinstance(DEFAULTS[name], dict) and isinstance(value, dict):
+        return {**DEFAULTS[name], **value}
+    return value
+
+
+def queue_name(kind: str) -> str:
+    """Celery queue for a kind of mail ("transactional" or "campaign")."""
+    queues = get("QUEUES")
+    try:
+        return queues[kind]
+    except KeyError:
+        raise MailerConfigurationError(f"MAILER['QUEUES'] has no {kind!r} queue.") from None
+
+
+def parse_rate(value: str | None) -> float | None:
+    """Turn "50/s" into 50.0 messages per second; None means unlimited."""
+    if value in (None, "", 0):
+        return None
+    match = _RATE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise MailerConfigurationError(
+            f"Rate limit {value!r} cannot be parsed; write it as '50/s', '600/m' or '1000/h'."
+        )
+    return float(match.group(1)) / _PERIODS[match.group(2)]
+
+
+def rate_limit(queue_kind: str) -> float | None:
+    """Messages per second allowed on a queue across all workers, or None."""
+    return parse_rate(get("RATE_LIMITS").get(queue_kind))
+
+
+def redis_url() -> str | None:
+    """The Redis for shared state: MAILER['REDIS_URL'], else a Redis broker, else None."""
+    url = get("REDIS_URL")
+    if url:
+        return url
+    broker = getattr(settings, "CELERY_BROKER_URL", "") or ""
+    return broker if broker.startswith(("redis://", "rediss://")) else None
+
+
+def from_email() -> str:
+    """The From header: 'Name <address>' built from FROM_NAME and FROM_EMAIL."""
+    from email.utils import formataddr
+
+    address = get("FROM_EMAIL") or settings.DEFAULT_FROM_EMAIL
+    name = get("FROM_NAME")
+    return formataddr((name, address)) if name else address
+
+
+# Task name → mailer queue kind. Celery routes through route_task, the one place.
+TASK_QUEUES = {
+    "mailer.tasks.drain_transactional": "transactional",
+    "mailer.tasks.release_due_messages": "transactional",
+    "mailer.tasks.recover_stuck_messages": "transactional",
+}
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+    """Celery router: put mailer's tasks on the queue named in MAILER['QUEUES']."""
+    kind = TASK_QUEUES.get(name)
+    return {"queue": queue_name(kind)} if kind else None
+
+
+# --- Settings that belong to Django or Celery, read here so nothing else needs to. ---
+
+
+def broker_visibility_timeout() -> float | None:
+    """Seconds before an unacknowledged task comes back (Redis/SQS brokers), if any."""
+    broker = getattr(settings, "CELERY_BROKER_URL", "") or ""
+    if not broker.startswith(("redis://", "rediss://", "sqs://")):
+        return None
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {}
+    return float(options.get("visibility_timeout", 3600))
+
+
+def task_time_limit() -> float | None:
+    """The hard time limit Celery kills a task at, if set."""
+    limit = getattr(settings, "CELERY_TASK_TIME_LIMIT", None)
+    return float(limit) if limit else None
+
+
+def password_reset_hours() -> int:
+    return int(settings.PASSWORD_RESET_TIMEOUT) // 3600

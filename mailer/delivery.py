@@ -1,0 +1,532 @@
+"""Getting queued messages out: claim in batches, render, send over one connection.
+
+Delivery is at-least-once from the broker and effectively once at the recipient: a
+worker sends only messages it moved from queued to sending in one atomic UPDATE, so a
+redelivered or duplicated task finds nothing to claim. Workers are woken by a coalesced
+"kick": one drain task per burst of messages, not one task per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import smtplib
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import formataddr
+
+import redis
+from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
+from django.core.mail import get_connection
+from django.db import transaction
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from . import conf, rendering
+from .exceptions import (
+    HeaderInjection,
+    PermanentSendError,
+    SendError,
+    TemplateError,
+    TemplateNotFound,
+    TransientSendError,
+)
+from .mime import PreparedEmail
+from .models import Event, Kind, Message, MessageStatus, Suppression
+from .ratelimit import chunk_size, redis_client, reserve
+
+logger = logging.getLogger(__name__)
+
+KICK_TTL_MS = 2000
+
+
+# --- Waking workers ---------------------------------------------------------------------
+
+
+def _kick_key(kind: str) -> str:
+    return f"mailer:kick:{conf.queue_name(kind)}"
+
+
+def kick(kind: str = Kind.TRANSACTIONAL, *, countdown: float | None = None) -> bool:
+    """Make sure a drain task will look at ``kind``'s queue; coalesce bursts into one task.
+
+    With Redis, a short-lived flag means "a drain is already on its way": the drain
+    clears it before looking for work, so a message committed before the flag was seen
+    is always found. Returns whether a task was enqueued.
+    """
+    from . import tasks
+
+    client = redis_client()
+    if client is not None and countdown is None:
+        try:
+            if not client.set(_kick_key(kind), 1, nx=True, px=KICK_TTL_MS):
+                return False
+        except redis.RedisError as exc:
+            logger.warning("mailer: kick flag unavailable (%s); enqueueing anyway", exc)
+    try:
+        tasks.drain_task(kind).apply_async(countdown=countdown)
+    except (BrokerError, OSError) as exc:
+        # The rows are committed and queued: beat's recovery wakes a worker later.
+        logger.error("mailer: broker unavailable, %s mail waits for recovery: %s", kind, exc)
+        return False
+    return True
+
+
+def kick_on_commit(kind: str = Kind.TRANSACTIONAL) -> None:
+    transaction.on_commit(lambda: kick(kind))
+
+
+def _clear_kick(kind: str) -> None:
+    client = redis_client()
+    if client is not None:
+        try:
+            client.delete(_kick_key(kind))
+        except redis.RedisError as exc:
+            logger.warning("mailer: could not clear kick flag: %s", exc)
+
+
+# --- Claiming ---------------------------------------------------------------------------
+
+
+def claim_due(kind: str, size: int) -> list[Message]:
+    """Atomically move up to ``size`` due queued messages to sending, oldest first."""
+    now = timezone.now()
+    token = uuid.uuid4()
+    with transaction.atomic():
+        ids = list(
+            Message.objects.filter(kind=kind, status=MessageStatus.QUEUED)
+            .filter(Q(send_after__isnull=True) | Q(send_after__lte=now))
+            .order_by("id")
+            .select_for_update(skip_locked=True)
+            .values_list("id", flat=True)[:size]
+        )
+        if not ids:
+            return []
+        Message.objects.filter(pk__in=ids, status=MessageStatus.QUEUED).update(
+            status=MessageStatus.SENDING,
+            claim_token=token,
+            claimed_at=now,
+            attempts=F("attempts") + 1,
+        )
+    return list(
+        Message.objects.filter(pk__in=ids, claim_token=token).select_related("contact")
+    )
+
+
+def drain(kind: str = Kind.TRANSACTIONAL) -> int:
+    """Send due messages of ``kind`` batch by batch; hand over after DRAIN_SECONDS."""
+    deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
+    batch_size = int(conf.get("BATCH_SIZE"))
+    rate = conf.rate_limit(kind)
+    if rate is not None:
+        # Never hold more claimed messages than about ten seconds of the rate.
+        batch_size = max(1, min(batch_size, int(rate * 10)))
+    total = 0
+    while True:
+        _clear_kick(kind)
+        batch = claim_due(kind, batch_size)
+        if not batch:
+            return total
+        total += send_batch(batch, kind).sent
+        if time.monotonic() > deadline:
+            kick(kind)
+            return total
+
+
+# --- Sending ----------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    countdowns: set[int] = field(default_factory=set)
+
+
+def suppressed_addresses(addresses: list[str], kind: str) -> set[str]:
+    """Which of these addresses must not get this kind of mail (one query)."""
+    scopes = [Suppression.Scope.ALL]
+    if kind != Kind.TRANSACTIONAL:
+        scopes.append(Suppression.Scope.MARKETING)
+    return set(
+        Suppression.objects.filter(email__in=addresses, scope__in=scopes).values_list(
+            "email", flat=True
+        )
+    )
+
+
+def message_context(message: Message) -> dict:
+    """The message's own context under the standard names every template may use."""
+    contact = message.contact
+    context = dict(message.context or {})
+    context.update(
+        app_name=conf.get("APP_NAME"),
+        site_url=rendering.site_url(),
+        recipient=message.to_email,
+        message_id=str(message.uuid),
+        language=message.language,
+        contact={
+            "email": message.to_email,
+            "name": contact.name if contact else "",
+            "first_name": contact.first_name if contact else "",
+            "language": contact.language if contact else "",
+            "attributes": dict(contact.attributes or {}) if contact else {},
+        },
+    )
+    context.setdefault("unsubscribe_url", "")
+    context.setdefault("preferences_url", "")
+    return context
+
+
+def message_id_header(message: Message) -> str:
+    domain = conf.from_email().rsplit("@", 1)[-1].strip(">") or "localhost"
+    return f"<{message.uuid}@{domain}>"
+
+
+def build_email(message: Message, compiled: rendering.Compiled, connection=None) -> PreparedEmail:
+    """Render one message into an email ready for any Django backend."""
+    rendered = compiled.render(message_context(message))
+    name = (message.contact.name if message.contact else "").replace("\r", " ").replace("\n", " ")
+    header_id = message_id_header(message)
+    email = PreparedEmail(
+        subject=rendered.subject,
+        text=rendered.text,
+        html=rendered.html,
+        message_id=header_id,
+        from_email=conf.from_email(),
+        to=[formataddr((name, message.to_email)) if name else message.to_email],
+        connection=connection,
+        headers={"X-Mailer-Message-Id": str(message.uuid)},
+    )
+    email.metadata = {"mailer_message_id": str(message.uuid)}  # anymail
+    email.tags = [message.template_slug]
+    return email
+
+
+def classify(exc: BaseException) -> SendError | None:
+    """Transient (try again) or permanent (never) — or None for a bug we don't know."""
+    if isinstance(exc, SendError):
+        return exc
+    if isinstance(exc, TemplateError | TemplateNotFound | HeaderInjection):
+        return PermanentSendError(f"Template: {exc}")
+    if isinstance(exc, AnymailRecipientsRefused):
+        return PermanentSendError(f"ESP refused the recipient: {exc}")
+    if isinstance(exc, AnymailAPIError):
+        status = getattr(exc, "status_code", None)
+        if status is None or status == 429 or status >= 500:
+            return TransientSendError(f"ESP error {status or 'connection'}: {exc}")
+        return PermanentSendError(f"ESP error {status}: {exc}")
+    if isinstance(exc, AnymailError):
+        return PermanentSendError(f"ESP: {exc}")
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        detail = "; ".join(
+            f"{code} {reply.decode(errors='replace')}" for code, reply in exc.recipients.values()
+        )
+        if codes and all(400 <= code < 500 for code in codes):
+            return TransientSendError(f"SMTP recipient deferred: {detail}")
+        return PermanentSendError(f"SMTP recipient refused: {detail}")
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        # Credentials are fixed by ops, not by waiting, but failing every queued email
+        # at once would be worse: retry with backoff and keep the error visible.
+        return TransientSendError(f"SMTP authentication failed: {exc.smtp_code}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        reply = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+        text = f"SMTP {exc.smtp_code} {reply}"
+        if 400 <= exc.smtp_code < 500:
+            return TransientSendError(text)
+        return PermanentSendError(text)
+    if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPNotSupportedError):
+        return TransientSendError(f"SMTP connection: {exc}")
+    if isinstance(exc, OSError):  # refused, reset, timeout, TLS failure, DNS
+        return TransientSendError(f"Connection: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, ValueError) and "address" in str(exc).lower():
+        return PermanentSendError(f"Invalid address: {exc}")
+    return None
+
+
+def _connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | smtplib.SMTPServerDisconnected)
+
+
+def backoff(attempt: int) -> float:
+    """Exponential delay with jitter before retry number ``attempt``."""
+    base = float(conf.get("RETRY_BACKOFF_BASE"))
+    delay = min(float(conf.get("RETRY_BACKOFF_MAX")), base * 2 ** max(0, attempt - 1))
+    jitter = float(conf.get("RETRY_JITTER"))
+    return max(1.0, delay * random.uniform(1 - jitter, 1 + jitter))  # noqa: S311
+
+
+class _Sender:
+    """One backend connection for a batch, reopened once after a connection error."""
+
+    def __init__(self):
+        self.connection = None
+        self.down: SendError | None = None
+
+    def send(self, email: PreparedEmail) -> None:
+        if self.down is not None:
+            raise self.down
+        if self.connection is None:
+            connection = get_connection(fail_silently=False)
+            try:
+                connection.open()
+            except Exception as exc:
+                error = classify(exc)
+                if isinstance(error, TransientSendError):
+                    self.down = error  # the server is unreachable: fail the rest fast
+                raise
+            self.connection = connection
+        email.connection = self.connection
+        try:
+            if not self.connection.send_messages([email]):
+                raise TransientSendError("The backend accepted nothing.")
+        except Exception as exc:
+            if _connection_error(exc):
+                self.close()
+            raise
+
+    def close(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                logger.debug("mailer: closing a broken connection failed", exc_info=True)
+            self.connection = None
+
+
+def send_batch(messages: list[Message], kind: str) -> BatchResult:
+    """Send claimed messages over one connection and record every outcome in bulk."""
+    now = timezone.now()
+    blocked = suppressed_addresses([m.to_email for m in messages], kind)
+    sources: dict[tuple, rendering.Compiled | SendError] = {}
+    sent: list[tuple[Message, str]] = []
+    failed: list[tuple[Message, str]] = []
+    retry: list[Message] = []
+    suppressed: list[Message] = []
+    sender = _Sender()
+    reserved = 0
+    step = chunk_size(kind, len(messages))
+    try:
+        for message in messages:
+            if message.to_email in blocked:
+                suppressed.append(message)
+                continue
+            try:
+                compiled = _compiled_for(message, sources)
+                email = build_email(message, compiled)
+                if reserved == 0:
+                    wait = reserve(kind, step)
+                    if wait > 0:
+                        time.sleep(wait)
+                    reserved = step
+                reserved -= 1
+                sender.send(email)
+            except Exception as exc:
+                error = classify(exc)
+                if error is None:
+                    logger.exception("mailer: unexpected error sending message %s", message.pk)
+                    failed.append((message, f"Unexpected {exc.__class__.__name__}; see worker log."))
+                elif isinstance(error, TransientSendError):
+                    message.last_error = str(error)
+                    retry.append(message)
+                else:
+                    failed.append((message, str(error)))
+                continue
+            provider_id = _provider_id(email)
+            sent.append((message, provider_id))
+    finally:
+        sender.close()
+    _record_sent(sent, now)
+    _record_failed(failed)
+    _record_suppressed(suppressed)
+    countdowns, gave_up = _schedule_retries(retry)
+    result = BatchResult(
+        sent=len(sent),
+        retried=len(retry) - gave_up,
+        failed=len(failed) + gave_up,
+        suppressed=len(suppressed),
+        countdowns=countdowns,
+    )
+    for countdown in sorted(result.countdowns):
+        kick(kind, countdown=countdown)
+    if sent or failed or retry:
+        logger.info(
+            "mailer: batch of %d: %d sent, %d retrying, %d failed, %d suppressed",
+            len(messages), result.sent, result.retried, result.failed, result.suppressed,
+        )
+    return result
+
+
+def _compiled_for(message: Message, cache: dict) -> rendering.Compiled:
+    key = (message.template_slug, message.language)
+    hit = cache.get(key)
+    if hit is None:
+        try:
+            hit = rendering.compiled(rendering.find_template(*key))
+        except (TemplateNotFound, TemplateError) as exc:
+            hit = PermanentSendError(f"Template: {exc}")
+        cache[key] = hit
+    if isinstance(hit, SendError):
+        raise hit
+    return hit
+
+
+def _provider_id(email: PreparedEmail) -> str:
+    status = getattr(email, "anymail_status", None)
+    if status is not None and status.message_id:
+        return str(status.message_id)
+    return email.message_id
+
+
+def _record_sent(sent: list[tuple[Message, str]], now: datetime) -> None:
+    if not sent:
+        return
+    ids = [m.pk for m, _ in sent]
+    Message.objects.filter(pk__in=ids, status=MessageStatus.SENDING).update(
+        status=MessageStatus.SENT,
+        sent_at=now,
+        last_error="",
+        provider_message_id=Case(
+            *[When(pk=m.pk, then=Value(pid)) for m, pid in sent], default=F("provider_message_id")
+        ),
+    )
+    Event.objects.bulk_create(
+        [
+            Event(message=m, event_type=Event.Type.SENT, recipient=m.to_email, timestamp=now)
+            for m, _ in sent
+        ]
+    )
+
+
+def _record_failed(failed: list[tuple[Message, str]]) -> None:
+    if not failed:
+        return
+    for message, error in failed:
+        logger.warning("mailer: message %s failed permanently: %s", message.pk, error)
+        message.status = MessageStatus.FAILED
+        message.last_error = error[:2000]
+    Message.objects.bulk_update([m for m, _ in failed], ["status", "last_error"])
+    Event.objects.bulk_create(
+        [
+            Event(message=m, event_type=Event.Type.FAILED, recipient=m.to_email, description=e[:2000])
+            for m, e in failed
+        ]
+    )
+
+
+def _record_suppressed(messages: list[Message]) -> None:
+    if messages:
+        Message.objects.filter(pk__in=[m.pk for m in messages]).update(
+            status=MessageStatus.SUPPRESSED, last_error="Address is suppressed."
+        )
+
+
+def _schedule_retries(messages: list[Message]) -> tuple[set[int], int]:
+    """Queue each transient failure again after its backoff, or give up at the maximum.
+
+    Returns the countdowns to wake a worker at, and how many messages were given up.
+    """
+    if not messages:
+        return set(), 0
+    now = timezone.now()
+    max_attempts = int(conf.get("MAX_ATTEMPTS"))
+    max_countdown = float(conf.get("MAX_COUNTDOWN"))
+    countdowns: set[int] = set()
+    gave_up = 0
+    for message in messages:
+        if message.attempts >= max_attempts:
+            message.status = MessageStatus.FAILED
+            message.last_error = f"Gave up after {message.attempts} attempts: {message.last_error}"
+            gave_up += 1
+            logger.warning("mailer: message %s failed after %d attempts", message.pk, message.attempts)
+            continue
+        delay = backoff(message.attempts)
+        message.send_after = now + timedelta(seconds=delay)
+        if delay <= max_countdown:
+            message.status, message.queued_at = MessageStatus.QUEUED, now
+            countdowns.add(math.ceil(delay))
+        else:
+            # Longer than the broker may hold a task: wait in the database for beat.
+            message.status = MessageStatus.SCHEDULED
+    Message.objects.bulk_update(messages, ["status", "last_error", "send_after", "queued_at"])
+    return countdowns, gave_up
+
+
+# --- Beat: scheduled sends and recovery ---------------------------------------------------
+
+
+def release_due(limit: int = 10_000) -> int:
+    """Hand scheduled messages whose time has come to the broker."""
+    now = timezone.now()
+    by_kind: dict[str, int] = defaultdict(int)
+    ids = list(Message.objects.due(now).values_list("id", "kind")[:limit])
+    if not ids:
+        return 0
+    released = Message.objects.filter(
+        pk__in=[pk for pk, _ in ids], status=MessageStatus.SCHEDULED
+    ).update(status=MessageStatus.QUEUED, queued_at=now)
+    for _, kind in ids:
+        by_kind[kind] += 1
+    for kind in by_kind:
+        if kind == Kind.TRANSACTIONAL:
+            kick(kind)
+    return released
+
+
+STUCK_NOTE = (
+    "The worker stopped while sending; the email may or may not have left."
+)
+
+
+def recover_stuck() -> dict[str, int]:
+    """Deal with messages a dead worker left in sending, and wake workers for lost kicks."""
+    now = timezone.now()
+    lease = float(conf.get("SENDING_LEASE"))
+    policy = conf.get("STUCK_POLICY")
+    max_attempts = int(conf.get("MAX_ATTEMPTS"))
+    stuck = Message.objects.stuck_sending(lease, now)
+    counts = {"requeued": 0, "failed": 0, "kicked": 0}
+    if policy == "retry":
+        counts["failed"] = stuck.filter(attempts__gte=max_attempts).update(
+            status=MessageStatus.FAILED, last_error=f"{STUCK_NOTE} Gave up: attempts exhausted."
+        )
+        counts["requeued"] = stuck.update(
+            status=MessageStatus.QUEUED,
+            queued_at=now,
+            send_after=None,
+            last_error=f"{STUCK_NOTE} Sent again (STUCK_POLICY=retry).",
+        )
+    else:
+        counts["failed"] = stuck.update(
+            status=MessageStatus.FAILED,
+            last_error=f"{STUCK_NOTE} Not sent again (STUCK_POLICY=fail); retry by hand.",
+        )
+    if counts["requeued"] or counts["failed"]:
+        logger.error("mailer: recovered stuck messages: %s", counts)
+    lost = Message.objects.lost_in_queue(float(conf.get("QUEUED_LEASE")), now)
+    if counts["requeued"] or lost.filter(kind=Kind.TRANSACTIONAL).exists():
+        counts["kicked"] = int(kick(Kind.TRANSACTIONAL))
+    return counts
+
+
+def requeue(queryset) -> int:
+    """Put failed or cancelled messages back in the queue (the admin's retry action)."""
+    now = timezone.now()
+    ids = list(queryset.retryable().values_list("id", flat=True))
+    count = Message.objects.filter(pk__in=ids).retryable().update(
+        status=MessageStatus.QUEUED, attempts=0, send_after=None, queued_at=now, last_error=""
+    )
+    if count:
+        kinds = set(Message.objects.filter(pk__in=ids).values_list("kind", flat=True))
+        for kind in kinds:
+            if kind == Kind.TRANSACTIONAL:
+                transaction.on_commit(lambda k=kind: kick(k))
+    return count

@@ -1,0 +1,58 @@
+"""The errors mailer raises: one root, typed leaves, configuration errors apart."""
+
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+
+
+class MailerError(Exception):
+    """Root of every runtime error mailer raises on purpose."""
+
+
+class InvalidRecipient(MailerError, ValueError):
+    """The address cannot receive mail: malformed, empty or refused by the server."""
+
+
+class TemplateNotFound(MailerError, LookupError):
+    """No database or file template has that slug in any fallback language."""
+
+
+class TemplateError(MailerError, ValidationError):
+    """A template does not parse, uses an unknown variable or breaks the sandbox.
+
+    It is a ValidationError too, so admin forms show it on the field.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        MailerError.__init__(self, message)
+        ValidationError.__init__(self, {field: [message]} if field else message)
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class HeaderInjection(MailerError, ValueError):
+    """A value bound for a header carries CR or LF."""
+
+
+class InvalidContext(MailerError, ValueError):
+    """Template context that cannot be stored (not JSON) or is not a mapping."""
+
+
+class SuppressedRecipient(MailerError):
+    """The address is on the suppression list for this kind of mail."""
+
+
+class SendError(MailerError):
+    """Delivery failed; subclasses say whether trying again can help."""
+
+
+class TransientSendError(SendError):
+    """Connection refused, SMTP 4xx, ESP 5xx or 429: retry with backoff."""
+
+
+class PermanentSendError(SendError):
+    """Recipient refused, invalid address, 4xx from an ESP: never retry."""
+
+
+class MailerConfigurationError(ImproperlyConfigured):
+    """A MAILER setting is missing or malformed. Stands outside MailerError on purpose."""

@@ -1,0 +1,134 @@
+"""Fast, standards-clean MIME for multipart/alternative emails.
+
+Django's ``EmailMultiAlternatives.message().as_bytes()`` costs ~1.9 ms a message, the
+largest per-recipient cost on the SMTP path. Our emails always have the same shape
+(text + HTML, UTF-8, quoted-printable), so the bytes are assembled directly with the C
+quoted-printable encoder. ``PreparedEmail`` is still a Django EmailMessage: SMTP and file
+backends call ``message().as_bytes()`` and get these bytes; anymail's ESP backends read
+its attributes as usual.
+"""
+
+from __future__ import annotations
+
+import binascii
+import uuid
+from email.header import Header
+from email.utils import formatdate
+
+from django.core.mail import EmailMultiAlternatives
+from django.core.mail.message import sanitize_address
+
+CRLF = b"\r\n"
+
+
+def encode_header(name: str, value: str) -> str:
+    """An RFC 2047 header value: ASCII as is, anything else as folded UTF-8 words."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"Header {name!r} contains a line break.")
+    if value.isascii() and len(value) < 900:
+        return value
+    return Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+
+
+def quoted_printable(text: str) -> bytes:
+    """UTF-8 text as quoted-printable with CRLF line ends and 76-column soft breaks."""
+    data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    return binascii.b2a_qp(data, quotetabs=False, istext=True).replace(b"\n", CRLF)
+
+
+def build(
+    *,
+    from_header: str,
+    to_header: str,
+    subject: str,
+    text: str,
+    html: str,
+    message_id: str,
+    headers: dict[str, str] | None = None,
+    reply_to: str | None = None,
+) -> bytes:
+    """The whole RFC 5322 message: headers, then text and HTML alternatives."""
+    boundary = f"=_mailer_{uuid.uuid4().hex}"
+    lines = [
+        f"From: {from_header}",
+        f"To: {to_header}",
+        f"Subject: {encode_header('Subject', subject)}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Message-ID: {message_id}",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/alternative; boundary="{boundary}"',
+    ]
+    if reply_to:
+        lines.append(f"Reply-To: {reply_to}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {encode_header(name, value)}")
+    head = "\r\n".join(lines).encode("ascii")
+    marker = f"--{boundary}".encode("ascii")
+    return b"".join(
+        (
+            head,
+            CRLF,
+            CRLF,
+            marker,
+            b"\r\nContent-Type: text/plain; charset=utf-8"
+            b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
+            quoted_printable(text),
+            CRLF,
+            marker,
+            b"\r\nContent-Type: text/html; charset=utf-8"
+            b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
+            quoted_printable(html),
+            CRLF,
+            marker,
+            b"--",
+            CRLF,
+        )
+    )
+
+
+class _Built:
+    """Stands in for an email.message.Message where backends only serialize it."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def as_bytes(self, unixfrom: bool = False, linesep: str = "\n", **kwargs) -> bytes:
+        return self._data if linesep == "\r\n" else self._data.replace(CRLF, linesep.encode())
+
+    def as_string(self, unixfrom: bool = False, linesep: str = "\n", **kwargs) -> str:
+        return self.as_bytes(linesep=linesep).decode("ascii")
+
+    def __bytes__(self) -> bytes:
+        return self._data
+
+
+class PreparedEmail(EmailMultiAlternatives):
+    """A text + HTML email whose MIME bytes come from ``build``."""
+
+    def __init__(self, *, subject: str, text: str, html: str, message_id: str, **kwargs):
+        super().__init__(subject=subject, body=text, **kwargs)
+        self.attach_alternative(html, "text/html")
+        self.html = html
+        self.message_id = message_id
+        self.extra_headers.setdefault("Message-ID", message_id)
+        self._bytes: bytes | None = None
+
+    def message(self, **kwargs) -> _Built:
+        if self._bytes is None:
+            encoding = self.encoding or "utf-8"
+            headers = {
+                k: v
+                for k, v in self.extra_headers.items()
+                if k.lower() not in ("message-id", "from", "to", "subject", "reply-to", "date")
+            }
+            self._bytes = build(
+                from_header=sanitize_address(self.from_email, encoding),
+                to_header=", ".join(sanitize_address(a, encoding) for a in self.to),
+                subject=self.subject,
+                text=self.body,
+                html=self.html,
+                message_id=self.message_id,
+                headers=headers,
+                reply_to=", ".join(sanitize_address(a, encoding) for a in self.reply_to) or None,
+            )
+        return _Built(self._bytes)

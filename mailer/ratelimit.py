@@ -1,0 +1,109 @@
+"""Per-queue send rates shared by every worker process: a token bucket in Redis or the DB.
+
+Celery's own ``rate_limit`` counts per worker process; this one is global. Callers
+reserve tokens and are told how long to wait, so concurrent workers queue up fairly
+instead of polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from django.db import transaction
+
+from . import conf
+
+logger = logging.getLogger(__name__)
+
+# Reserve ARGV[3] tokens; tokens may go negative, and the caller waits until its share
+# has accrued. Time comes from Redis so workers on skewed clocks agree.
+_RESERVE = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate) - want
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 60)
+if tokens >= 0 then return '0' end
+return tostring(-tokens / rate)
+"""
+
+_clients: dict[str, redis.Redis] = {}
+_scripts: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def redis_client() -> redis.Redis | None:
+    """A shared client for MAILER['REDIS_URL'] (or a Redis broker); None without Redis."""
+    url = conf.redis_url()
+    if not url:
+        return None
+    with _lock:
+        client = _clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            _clients[url] = client
+        return client
+
+
+def burst_for(rate: float) -> float:
+    """One second's worth of tokens, at least one: short bursts, smooth averages."""
+    return max(1.0, rate)
+
+
+def reserve(queue_kind: str, tokens: int = 1) -> float:
+    """Reserve tokens on a queue's bucket; return the seconds to wait before sending."""
+    rate = conf.rate_limit(queue_kind)
+    if rate is None or tokens <= 0:
+        return 0.0
+    client = redis_client()
+    if client is not None:
+        return _reserve_redis(client, queue_kind, rate, tokens)
+    return _reserve_db(queue_kind, rate, tokens)
+
+
+def acquire(queue_kind: str, tokens: int = 1) -> float:
+    """Block until ``tokens`` sends are allowed on the queue; return the time waited."""
+    wait = reserve(queue_kind, tokens)
+    if wait > 0:
+        time.sleep(wait)
+    return wait
+
+
+def chunk_size(queue_kind: str, batch: int) -> int:
+    """How many sends to reserve at once: at most 100 ms of the rate, so bursts stay small."""
+    rate = conf.rate_limit(queue_kind)
+    if rate is None:
+        return batch
+    return max(1, min(batch, int(rate * 0.1)))
+
+
+def _reserve_redis(client: redis.Redis, queue_kind: str, rate: float, tokens: int) -> float:
+    script = _scripts.get(id(client))
+    if script is None:
+        script = _scripts[id(client)] = client.register_script(_RESERVE)
+    key = f"mailer:ratelimit:{conf.queue_name(queue_kind)}"
+    return float(script(keys=[key], args=[rate, burst_for(rate), tokens]))
+
+
+def _reserve_db(queue_kind: str, rate: float, tokens: int) -> float:
+    from .models import RateBucket
+
+    burst = burst_for(rate)
+    name = conf.queue_name(queue_kind)
+    with transaction.atomic():
+        bucket, _ = RateBucket.objects.select_for_update().get_or_create(
+            name=name, defaults={"tokens": burst, "updated": time.time()}
+        )
+        now = time.time()
+        level = min(burst, bucket.tokens + max(0.0, now - bucket.updated) * rate) - tokens
+        RateBucket.objects.filter(pk=bucket.pk).update(tokens=level, updated=now)
+    return 0.0 if level >= 0 else -level / rate

@@ -1,0 +1,22 @@
+"""URLs of the demo host: admin, accounts pages wired to mailer, mailer's own pages."""
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from mailer.forms import PasswordResetForm
+
+from . import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("register/", views.register, name="register"),
+    path(
+        "accounts/password_reset/",
+        auth_views.PasswordResetView.as_view(form_class=PasswordResetForm),
+        name="password_reset",
+    ),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("mailer/", include("mailer.urls")),
+    path("admin/", admin.site.urls),
+]

@@ -52,7 +52,7 @@ _html_env = ImmutableSandboxedEnvironment(autoescape=True, auto_reload=False)
 _text_env = ImmutableSandboxedEnvironment(autoescape=False, auto_reload=False)
 _JINJA_GLOBALS = frozenset(_html_env.globals)
 _JINJA_TAG = re.compile(r"{{.*?}}|{%.*?%}|{#.*?#}", re.S)
-_BLANK_LINES = re.compile(r"\n\s*\n(\s*\n)+")
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 _inliner = css_inline.CSSInliner(load_remote_stylesheets=False, keep_style_tags=True)
 _text_config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)
 
@@ -135,12 +135,19 @@ def _mask(source: str, token: str) -> tuple[str, list[str]]:
     return _JINJA_TAG.sub(replace, source), tags
 
 
-def _unmask(text: str, tags: list[str], token: str) -> str | None:
+def _unmask(text: str, tags: list[str], token: str, *, may_drop_output: bool = False) -> str | None:
+    """Put the Jinja tags back; None when the HTML tool lost or doubled one.
+
+    A ``{{ expression }}`` may vanish where the output has no place for it (an attribute
+    has no text equivalent); a block tag may not, or the template's structure breaks.
+    """
     for index, tag in enumerate(tags):
         placeholder = token.format(index)
-        if text.count(placeholder) != 1:
-            return None  # the HTML tool moved or dropped a tag: do that work per render
-        text = text.replace(placeholder, tag)
+        count = text.count(placeholder)
+        if count == 1:
+            text = text.replace(placeholder, tag)
+        elif not (count == 0 and may_drop_output and tag.startswith("{{")):
+            return None  # do that work per render instead
     return text
 
 
@@ -158,12 +165,13 @@ def _derive_text_source(html: str) -> str | None:
     """Derive a Jinja text template from the HTML template, once per version."""
     token = "MLRTAG{}X"
     masked, tags = _mask(html, token)
-    return _unmask(html_to_text(masked), tags, token)
+    return _unmask(html_to_text(masked), tags, token, may_drop_output=True)
 
 
 def html_to_text(html: str) -> str:
     """Readable plain text from HTML, links kept as [label](url)."""
-    return get_text(html, _text_config).strip()
+    text = "\n".join(line.rstrip() for line in get_text(html, _text_config).splitlines())
+    return _BLANK_LINES.sub("\n\n", text).strip()
 
 
 # --- Finding templates ------------------------------------------------------------------

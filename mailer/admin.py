@@ -37,7 +37,14 @@ class EventInline(admin.TabularInline):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "to_email", "template_slug", "kind", "status", "attempts", "created_at", "sent_at",
+        "id",
+        "to_email",
+        "template_slug",
+        "kind",
+        "status",
+        "attempts",
+        "created_at",
+        "sent_at",
     )
     list_filter = ("status", "kind", ("created_at", admin.DateFieldListFilter), "template_slug")
     search_fields = ("to_email", "=provider_message_id", "=idempotency_key")
@@ -47,10 +54,28 @@ class MessageAdmin(admin.ModelAdmin):
     actions = ("retry_messages",)
     inlines = (EventInline,)
     readonly_fields = (
-        "uuid", "kind", "status", "to_email", "contact", "template", "template_slug", "language",
-        "subject", "context", "metadata", "idempotency_key", "attempts", "last_error",
-        "provider_message_id", "send_after", "created_at", "queued_at", "claimed_at", "sent_at",
-        "updated_at", "preview",
+        "uuid",
+        "kind",
+        "status",
+        "to_email",
+        "contact",
+        "template",
+        "template_slug",
+        "language",
+        "subject",
+        "context",
+        "metadata",
+        "idempotency_key",
+        "attempts",
+        "last_error",
+        "provider_message_id",
+        "send_after",
+        "created_at",
+        "queued_at",
+        "claimed_at",
+        "sent_at",
+        "updated_at",
+        "preview",
     )
     fieldsets = (
         (None, {"fields": ("uuid", "kind", "status", "to_email", "contact", "subject")}),
@@ -59,8 +84,16 @@ class MessageAdmin(admin.ModelAdmin):
             "Delivery",
             {
                 "fields": (
-                    "attempts", "last_error", "provider_message_id", "idempotency_key",
-                    "send_after", "created_at", "queued_at", "claimed_at", "sent_at", "updated_at",
+                    "attempts",
+                    "last_error",
+                    "provider_message_id",
+                    "idempotency_key",
+                    "send_after",
+                    "created_at",
+                    "queued_at",
+                    "claimed_at",
+                    "sent_at",
+                    "updated_at",
                 )
             },
         ),
@@ -122,7 +155,9 @@ class TemplateAdmin(admin.ModelAdmin):
 
     @admin.display(description="Standard variables")
     def available_variables(self, obj: Template) -> str:
-        names = sorted(rendering.STANDARD_CONTEXT | rendering.BUILTIN_VARIABLES.get(obj.slug, set()))
+        names = sorted(
+            rendering.STANDARD_CONTEXT | rendering.BUILTIN_VARIABLES.get(obj.slug, set())
+        )
         return ", ".join(names)
 
     @admin.display(description="Preview")
@@ -173,7 +208,13 @@ class EventAdmin(admin.ModelAdmin):
     search_fields = ("recipient", "=provider_event_id")
     raw_id_fields = ("message",)
     readonly_fields = (
-        "message", "event_type", "provider_event_id", "recipient", "timestamp", "description", "data",
+        "message",
+        "event_type",
+        "provider_event_id",
+        "recipient",
+        "timestamp",
+        "description",
+        "data",
     )
 
     def has_add_permission(self, request) -> bool:

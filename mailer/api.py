@@ -49,7 +49,9 @@ def send(
     if send_at is not None and timezone.is_naive(send_at):
         send_at = timezone.make_aware(send_at)
 
-    contact = Contact.objects.filter(email=address).only("id", "name", "language", "attributes").first()
+    contact = (
+        Contact.objects.filter(email=address).only("id", "name", "language", "attributes").first()
+    )
     source = rendering.find_template(template, language, contact.language if contact else None)
     message = Message(
         kind=Kind.TRANSACTIONAL,

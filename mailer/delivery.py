@@ -113,9 +113,7 @@ def claim_due(kind: str, size: int) -> list[Message]:
             claimed_at=now,
             attempts=F("attempts") + 1,
         )
-    return list(
-        Message.objects.filter(pk__in=ids, claim_token=token).select_related("contact")
-    )
+    return list(Message.objects.filter(pk__in=ids, claim_token=token).select_related("contact"))
 
 
 def drain(kind: str = Kind.TRANSACTIONAL) -> int:
@@ -132,6 +130,8 @@ def drain(kind: str = Kind.TRANSACTIONAL) -> int:
         batch = claim_due(kind, batch_size)
         if not batch:
             return total
+        if len(batch) == batch_size:
+            kick(kind)  # more is waiting: let an idle worker process share it
         total += send_batch(batch, kind).sent
         if time.monotonic() > deadline:
             kick(kind)
@@ -238,7 +238,11 @@ def classify(exc: BaseException) -> SendError | None:
         # at once would be worse: retry with backoff and keep the error visible.
         return TransientSendError(f"SMTP authentication failed: {exc.smtp_code}")
     if isinstance(exc, smtplib.SMTPResponseException):
-        reply = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+        reply = (
+            exc.smtp_error.decode(errors="replace")
+            if isinstance(exc.smtp_error, bytes)
+            else exc.smtp_error
+        )
         text = f"SMTP {exc.smtp_code} {reply}"
         if 400 <= exc.smtp_code < 500:
             return TransientSendError(text)
@@ -333,7 +337,9 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
                 error = classify(exc)
                 if error is None:
                     logger.exception("mailer: unexpected error sending message %s", message.pk)
-                    failed.append((message, f"Unexpected {exc.__class__.__name__}; see worker log."))
+                    failed.append(
+                        (message, f"Unexpected {exc.__class__.__name__}; see worker log.")
+                    )
                 elif isinstance(error, TransientSendError):
                     message.last_error = str(error)
                     retry.append(message)
@@ -360,7 +366,11 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
     if sent or failed or retry:
         logger.info(
             "mailer: batch of %d: %d sent, %d retrying, %d failed, %d suppressed",
-            len(messages), result.sent, result.retried, result.failed, result.suppressed,
+            len(messages),
+            result.sent,
+            result.retried,
+            result.failed,
+            result.suppressed,
         )
     return result
 
@@ -416,7 +426,9 @@ def _record_failed(failed: list[tuple[Message, str]]) -> None:
     Message.objects.bulk_update([m for m, _ in failed], ["status", "last_error"])
     Event.objects.bulk_create(
         [
-            Event(message=m, event_type=Event.Type.FAILED, recipient=m.to_email, description=e[:2000])
+            Event(
+                message=m, event_type=Event.Type.FAILED, recipient=m.to_email, description=e[:2000]
+            )
             for m, e in failed
         ]
     )
@@ -446,7 +458,9 @@ def _schedule_retries(messages: list[Message]) -> tuple[set[int], int]:
             message.status = MessageStatus.FAILED
             message.last_error = f"Gave up after {message.attempts} attempts: {message.last_error}"
             gave_up += 1
-            logger.warning("mailer: message %s failed after %d attempts", message.pk, message.attempts)
+            logger.warning(
+                "mailer: message %s failed after %d attempts", message.pk, message.attempts
+            )
             continue
         delay = backoff(message.attempts)
         message.send_after = now + timedelta(seconds=delay)
@@ -457,6 +471,29 @@ def _schedule_retries(messages: list[Message]) -> tuple[set[int], int]:
             # Longer than the broker may hold a task: wait in the database for beat.
             message.status = MessageStatus.SCHEDULED
     Message.objects.bulk_update(messages, ["status", "last_error", "send_after", "queued_at"])
+    Event.objects.bulk_create(
+        [
+            Event(
+                message=m,
+                event_type=Event.Type.FAILED
+                if m.status == MessageStatus.FAILED
+                else Event.Type.DEFERRED,
+                recipient=m.to_email,
+                timestamp=now,
+                description=m.last_error[:2000],
+                data={"attempt": m.attempts}
+                | (
+                    {
+                        "retry_at": m.send_after.isoformat(),
+                        "retry_in": round((m.send_after - now).total_seconds(), 3),
+                    }
+                    if m.status != MessageStatus.FAILED
+                    else {}
+                ),
+            )
+            for m in messages
+        ]
+    )
     return countdowns, gave_up
 
 
@@ -481,9 +518,7 @@ def release_due(limit: int = 10_000) -> int:
     return released
 
 
-STUCK_NOTE = (
-    "The worker stopped while sending; the email may or may not have left."
-)
+STUCK_NOTE = "The worker stopped while sending; the email may or may not have left."
 
 
 def recover_stuck() -> dict[str, int]:
@@ -521,8 +556,12 @@ def requeue(queryset) -> int:
     """Put failed or cancelled messages back in the queue (the admin's retry action)."""
     now = timezone.now()
     ids = list(queryset.retryable().values_list("id", flat=True))
-    count = Message.objects.filter(pk__in=ids).retryable().update(
-        status=MessageStatus.QUEUED, attempts=0, send_after=None, queued_at=now, last_error=""
+    count = (
+        Message.objects.filter(pk__in=ids)
+        .retryable()
+        .update(
+            status=MessageStatus.QUEUED, attempts=0, send_after=None, queued_at=now, last_error=""
+        )
     )
     if count:
         kinds = set(Message.objects.filter(pk__in=ids).values_list("kind", flat=True))

@@ -100,15 +100,6 @@ class Template(models.Model):
     def __str__(self) -> str:
         return f"{self.slug} ({self.language})"
 
-    @property
-    def declared_variables(self) -> set[str]:
-        return {v for v in self.variables.replace(",", " ").split() if v}
-
-    def clean(self) -> None:
-        from .rendering import validate_template
-
-        validate_template(self)
-
     def save(self, *args, **kwargs):
         # Caught on save, not on send: a broken template never reaches the outbox.
         from .rendering import validate_template
@@ -117,6 +108,15 @@ class Template(models.Model):
         if self.pk:
             self.version += 1
         super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        from .rendering import validate_template
+
+        validate_template(self)
+
+    @property
+    def declared_variables(self) -> set[str]:
+        return {v for v in self.variables.replace(",", " ").split() if v}
 
 
 class MessageStatus(models.TextChoices):

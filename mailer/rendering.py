@@ -153,7 +153,7 @@ def _unmask(text: str, tags: list[str], token: str, *, may_drop_output: bool = F
 
 def _inline_css_source(html: str) -> str | None:
     """Inline CSS into the template source once, with Jinja tags hidden in comments."""
-    token = "<!--mlr{}-->"
+    token = "<!--mlr{}-->"  # noqa: S105 - a placeholder pattern, not a secret
     masked, tags = _mask(html, token)
     try:
         return _unmask(_inliner.inline(masked), tags, token)
@@ -163,7 +163,7 @@ def _inline_css_source(html: str) -> str | None:
 
 def _derive_text_source(html: str) -> str | None:
     """Derive a Jinja text template from the HTML template, once per version."""
-    token = "MLRTAG{}X"
+    token = "MLRTAG{}X"  # noqa: S105 - a placeholder pattern, not a secret
     masked, tags = _mask(html, token)
     return _unmask(html_to_text(masked), tags, token, may_drop_output=True)
 

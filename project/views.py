@@ -1,12 +1,12 @@
 """Demo pages: a home page and a registration form that fires mailer's signal."""
 
+from django import forms
 from django.contrib.auth import login
 from django.contrib.auth.forms import BaseUserCreationForm
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django import forms
 
 from mailer.signals import user_registered
 

@@ -377,8 +377,8 @@ ensure_services() {
     if pg_answers; then
         log "PostgreSQL already answers on $HOST:$PG_PORT; reusing it"
     else
+        STARTED_PG=1   # set first: an interrupted start is cleaned up too
         start_postgres
-        STARTED_PG=1
     fi
     if ! ensure_database; then
         if [ "$STARTED_PG" = 1 ]; then
@@ -390,8 +390,8 @@ ensure_services() {
     if redis_answers; then
         log "Redis already answers on $HOST:$REDIS_PORT; reusing it"
     else
+        STARTED_REDIS=1   # set first: an interrupted start is cleaned up too
         start_redis
-        STARTED_REDIS=1
     fi
 }
 

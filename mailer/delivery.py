@@ -391,7 +391,7 @@ def _compiled_for(message: Message, cache: dict) -> rendering.Compiled:
 
 def _provider_id(email: PreparedEmail) -> str:
     status = getattr(email, "anymail_status", None)
-    if status is not None and status.message_id:
+    if status is not None and status.message_id not in (None, ""):  # 0 is an id too
         return str(status.message_id)
     return email.message_id
 

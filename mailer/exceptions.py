@@ -25,6 +25,7 @@ class TemplateError(MailerError, ValidationError):
         MailerError.__init__(self, message)
         ValidationError.__init__(self, {field: [message]} if field else message)
         self.field = field
+        self.args = (message,)  # ValidationError stored (dict, code, params): str() broke
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""

@@ -136,11 +136,23 @@ def _mask(source: str, token: str) -> tuple[str, list[str]]:
 
 
 def _unmask(text: str, tags: list[str], token: str, *, may_drop_output: bool = False) -> str | None:
-    """Put the Jinja tags back; None when the HTML tool lost or doubled one.
+    """Put the Jinja tags back; None when the HTML tool lost, doubled or moved one.
 
     A ``{{ expression }}`` may vanish where the output has no place for it (an attribute
     has no text equivalent); a block tag may not, or the template's structure breaks.
+    Nor may a tag cross a block tag: a table cell moved out of its loop renders once, empty.
     """
+    blocks_before, seen = [], 0
+    for tag in tags:
+        blocks_before.append(seen)
+        seen += tag.startswith("{%")
+    seen = 0
+    for at, index in sorted((text.find(token.format(i)), i) for i in range(len(tags))):
+        if at < 0:
+            continue
+        if blocks_before[index] != seen:
+            return None  # moved into or out of a block: do that work per render instead
+        seen += tags[index].startswith("{%")
     for index, tag in enumerate(tags):
         placeholder = token.format(index)
         count = text.count(placeholder)

@@ -78,7 +78,9 @@ class RecordingHandler:
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.messages.append(
-                Received(time.monotonic(), envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
+                Received(
+                    time.monotonic(), envelope.mail_from, list(envelope.rcpt_tos), envelope.content
+                )
             )
         return "250 Message accepted for delivery"
 
@@ -213,9 +215,25 @@ class Worker:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "project", "worker",
-                "-Q", self.queues, "-n", f"{self.name}@%h", "-c", "1", "-P", "prefork",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "project",
+                "worker",
+                "-Q",
+                self.queues,
+                "-n",
+                f"{self.name}@%h",
+                "-c",
+                "1",
+                "-P",
+                "prefork",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "info",
             ],
             cwd=REPO,
             env=self.env,
@@ -286,13 +304,11 @@ def start_worker(worker_env, tmp_path_factory):
         worker.stop()
 
 
-@pytest.fixture(scope="session")
-def transactional_worker(start_worker):
-    """One long-lived worker on the transactional queue, shared by the tests."""
-    return start_worker("transactional", "transactional")
-
-
 @pytest.fixture
-def live(transactional_db, broker, smtp, transactional_worker):
-    """Everything real: committed DB rows, an empty broker and SMTP server, a worker."""
-    return smtp
+def live(transactional_db, broker, smtp, start_worker):
+    """Everything real: committed DB rows, an empty broker and SMTP server, and a worker
+    on the transactional queue that lives only for this test (so no other test's worker
+    takes its messages)."""
+    worker = start_worker("transactional", "transactional")
+    yield smtp
+    worker.stop()

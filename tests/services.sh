@@ -17,6 +17,7 @@
 # Environment:
 #   MAILER_TEST_PG_PORT     (default 5439)
 #   MAILER_TEST_REDIS_PORT  (default 6390)
+#   (`stop` must see the same ports as `start`.)
 #
 # Exported to CMD (and printed by `env` / `start`):
 #   DATABASE_URL=postgres://mailer:mailer@127.0.0.1:$PG_PORT/mailer
@@ -35,13 +36,18 @@ PG_PORT=${MAILER_TEST_PG_PORT:-5439}
 REDIS_PORT=${MAILER_TEST_REDIS_PORT:-6390}
 HOST=127.0.0.1
 
-PG_DATA="$STATE_DIR/pg"
-PG_LOG="$STATE_DIR/postgresql.log"
-PG_OWNED="$STATE_DIR/pg.owned"          # marker: `start` started PostgreSQL
-REDIS_DIR="$STATE_DIR/redis"
+# Non-default ports get their own directories, so runs on different ports never
+# share (or wipe) each other's state.
+PG_SUFFIX=""; [ "$PG_PORT" = 5439 ] || PG_SUFFIX="-$PG_PORT"
+REDIS_SUFFIX=""; [ "$REDIS_PORT" = 6390 ] || REDIS_SUFFIX="-$REDIS_PORT"
+
+PG_DATA="$STATE_DIR/pg$PG_SUFFIX"
+PG_LOG="$STATE_DIR/postgresql$PG_SUFFIX.log"
+PG_OWNED="$STATE_DIR/pg$PG_SUFFIX.owned"          # marker: `start` started PostgreSQL
+REDIS_DIR="$STATE_DIR/redis$REDIS_SUFFIX"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
-REDIS_OWNED="$STATE_DIR/redis.owned"    # marker: `start` started Redis
+REDIS_OWNED="$STATE_DIR/redis$REDIS_SUFFIX.owned"  # marker: `start` started Redis
 
 DB_NAME=mailer
 DB_USER=mailer

@@ -1,0 +1,370 @@
+"""mailer.delivery in process: drain against a real SMTP server, retries, recovery, classify."""
+
+from __future__ import annotations
+
+import smtplib
+from datetime import timedelta
+
+import pytest
+import requests
+from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
+from django.core import mail
+from django.utils import timezone
+
+from mailer import api, delivery
+from mailer.exceptions import PermanentSendError, TransientSendError
+from mailer.models import Event, Kind, Message, MessageStatus, Suppression
+from tests.conftest import assert_well_formed
+from tests.factories import MessageFactory, SuppressionFactory
+
+pytestmark = pytest.mark.django_db
+
+WELCOME = {"user_name": "Ada", "login_url": "http://localhost:8000/"}
+
+
+def queue(to: str, **fields) -> Message:
+    return MessageFactory(to_email=to, **fields)
+
+
+def make_due(*messages: Message) -> None:
+    """Pretend the retry backoff has passed."""
+    Message.objects.filter(pk__in=[m.pk for m in messages]).update(
+        send_after=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def mailer_settings(settings, **values) -> None:
+    settings.MAILER = {**settings.MAILER, **values}
+
+
+# --- Sending --------------------------------------------------------------------------
+
+
+def test_drain_sends_each_queued_message_once_and_records_it(smtp, broker):
+    messages = [queue(f"user{n}@example.com") for n in range(3)]
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 3
+
+    assert sorted(r for m in smtp.messages for r in m.rcpt_tos) == [
+        "user0@example.com",
+        "user1@example.com",
+        "user2@example.com",
+    ]
+    for message in messages:
+        message.refresh_from_db()
+        assert message.status == MessageStatus.SENT
+        assert message.attempts == 1
+        assert message.sent_at is not None
+        assert message.provider_message_id == f"<{message.uuid}@mailer.test>"
+        assert list(message.events.values_list("event_type", flat=True)) == [Event.Type.SENT]
+        received = smtp.to(message.to_email)[0].parsed()
+        assert_well_formed(received)
+        assert received["Message-ID"] == message.provider_message_id
+        assert received["X-Mailer-Message-Id"] == str(message.uuid)
+        assert received["Subject"] == "Welcome to Mailer Demo, Ada!"
+
+
+def test_drain_again_sends_nothing_more(smtp, broker):
+    queue("ada@example.com")
+    delivery.drain(Kind.TRANSACTIONAL)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    assert len(smtp.messages) == 1
+    assert Event.objects.filter(event_type=Event.Type.SENT).count() == 1
+
+
+def test_message_claimed_by_another_worker_is_not_sent_again(smtp, broker):
+    queue("ada@example.com", status=MessageStatus.SENDING, claimed_at=timezone.now(), attempts=1)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    assert smtp.messages == []
+
+
+def test_message_sent_through_api_send_arrives(smtp, broker, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        message = api.send("welcome", to="ada@example.com", context=WELCOME, language="fr")
+    assert len(callbacks) == 1  # the kick
+
+    delivery.drain(Kind.TRANSACTIONAL)
+
+    received = smtp.to("ada@example.com")[0].parsed()
+    assert received["Subject"] == "Bienvenue sur Mailer Demo, Ada !"
+    assert "Bienvenue, Ada !" in received.get_body(("plain",)).get_content()
+    message.refresh_from_db()
+    assert message.status == MessageStatus.SENT
+
+
+def test_recipient_refused_with_550_fails_at_once(smtp, broker):
+    smtp.handler.refuse["x@example.com"] = "550 5.1.1 No such user"
+    refused = queue("x@example.com")
+    fine = queue("ok@example.com")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 1
+
+    refused.refresh_from_db()
+    assert refused.status == MessageStatus.FAILED
+    assert refused.attempts == 1
+    assert "550" in refused.last_error
+    assert refused.events.get().event_type == Event.Type.FAILED
+    fine.refresh_from_db()
+    assert fine.status == MessageStatus.SENT
+    assert [m.rcpt_tos for m in smtp.messages] == [["ok@example.com"]]
+
+
+def test_recipient_deferred_with_450_is_retried_later(smtp, broker):
+    smtp.handler.refuse["busy@example.com"] = "450 4.2.1 Mailbox busy, try later"
+    message = queue("busy@example.com")
+    before = timezone.now()
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.QUEUED
+    assert message.attempts == 1
+    assert message.send_after > before
+    assert "450" in message.last_error
+    event = message.events.get()
+    assert event.event_type == Event.Type.DEFERRED
+    assert event.data["attempt"] == 1
+    # Not yet due: a second drain leaves it alone.
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+    message.refresh_from_db()
+    assert message.attempts == 1
+
+
+def test_unreachable_server_retries_with_growing_backoff_then_fails(smtp, broker, settings):
+    mailer_settings(settings, MAX_ATTEMPTS=3, RETRY_BACKOFF_BASE=30, RETRY_JITTER=0)
+    messages = [queue("ada@example.com"), queue("bob@example.com")]
+    smtp.stop()
+
+    delays = []
+    for attempt in (1, 2):
+        assert delivery.drain(Kind.TRANSACTIONAL) == 0
+        for message in messages:
+            message.refresh_from_db()
+            assert message.status == MessageStatus.QUEUED
+            assert message.attempts == attempt
+            assert "Connection" in message.last_error
+        events = Event.objects.filter(event_type=Event.Type.DEFERRED, data__attempt=attempt)
+        delays.append({event.data["retry_in"] for event in events})
+        make_due(*messages)
+
+    assert delays == [{30.0}, {60.0}]
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+    for message in messages:
+        message.refresh_from_db()
+        assert message.status == MessageStatus.FAILED
+        assert message.attempts == 3
+        assert message.last_error.startswith("Gave up after 3 attempts")
+    assert Event.objects.filter(event_type=Event.Type.FAILED).count() == 2
+    # The server is back: the failed messages stay failed until someone retries them.
+    smtp.start()
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+    assert smtp.messages == []
+
+
+def test_retry_longer_than_max_countdown_waits_scheduled_in_the_database(smtp, broker, settings):
+    mailer_settings(settings, RETRY_BACKOFF_BASE=600, RETRY_JITTER=0, MAX_COUNTDOWN=300)
+    message = queue("ada@example.com")
+    smtp.stop()
+
+    delivery.drain(Kind.TRANSACTIONAL)
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.SCHEDULED
+    make_due(message)
+    assert delivery.release_due() == 1
+    message.refresh_from_db()
+    assert message.status == MessageStatus.QUEUED
+
+
+def test_suppression_added_after_queueing_stops_the_send(smtp, broker):
+    message = queue("ada@example.com")
+    SuppressionFactory(email="ADA@example.com", scope=Suppression.Scope.ALL)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.SUPPRESSED
+    assert smtp.messages == []
+
+
+def test_marketing_suppression_added_after_queueing_does_not_stop_transactional(smtp, broker):
+    message = queue("ada@example.com")
+    SuppressionFactory(
+        email="ada@example.com",
+        scope=Suppression.Scope.MARKETING,
+        reason=Suppression.Reason.UNSUBSCRIBE,
+    )
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 1
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.SENT
+
+
+def test_message_whose_template_is_gone_fails_permanently(smtp, broker):
+    message = queue("ada@example.com", template_slug="deleted-template")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.FAILED
+    assert "deleted-template" in message.last_error
+    assert smtp.messages == []
+
+
+# --- Classifying errors -------------------------------------------------------------------
+
+
+def esp_error(status: int) -> AnymailAPIError:
+    response = requests.Response()
+    response.status_code = status
+    response.reason = "Reason"
+    response._content = b'{"error": "x"}'
+    return AnymailAPIError("ESP said no", status_code=status, response=response)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (smtplib.SMTPResponseException(421, b"4.7.0 Try again later"), TransientSendError),
+        (smtplib.SMTPResponseException(554, b"5.7.1 Rejected"), PermanentSendError),
+        (smtplib.SMTPSenderRefused(451, b"4.3.0 Busy", "noreply@mailer.test"), TransientSendError),
+        (smtplib.SMTPDataError(552, b"5.3.4 Too big"), PermanentSendError),
+        (smtplib.SMTPRecipientsRefused({"a@x.test": (550, b"No")}), PermanentSendError),
+        (smtplib.SMTPRecipientsRefused({"a@x.test": (452, b"Full")}), TransientSendError),
+        (smtplib.SMTPServerDisconnected("gone"), TransientSendError),
+        (ConnectionRefusedError(111, "Connection refused"), TransientSendError),
+        (TimeoutError("timed out"), TransientSendError),
+        (esp_error(429), TransientSendError),
+        (esp_error(503), TransientSendError),
+        (esp_error(400), PermanentSendError),
+        (AnymailAPIError("no response"), TransientSendError),
+        (AnymailRecipientsRefused("all refused"), PermanentSendError),
+    ],
+)
+def test_classify_sorts_errors_into_transient_and_permanent(exc, expected):
+    assert type(delivery.classify(exc)) is expected
+
+
+def test_classify_keeps_smtp_code_in_the_error_text():
+    error = delivery.classify(smtplib.SMTPResponseException(554, b"5.7.1 Rejected"))
+
+    assert "554" in str(error)
+    assert "5.7.1 Rejected" in str(error)
+
+
+def test_classify_leaves_unknown_bugs_unclassified():
+    assert delivery.classify(KeyError("bug")) is None
+
+
+# --- Recovery and retry -------------------------------------------------------------------
+
+
+def stuck(**fields) -> Message:
+    return queue(
+        "ada@example.com",
+        status=MessageStatus.SENDING,
+        claimed_at=timezone.now() - timedelta(seconds=601),
+        attempts=1,
+        **fields,
+    )
+
+
+def test_recover_stuck_requeues_with_explanation_under_retry_policy(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="retry")
+    message = stuck()
+    fresh = queue("bob@example.com", status=MessageStatus.SENDING, claimed_at=timezone.now())
+
+    counts = delivery.recover_stuck()
+
+    assert counts["requeued"] == 1
+    message.refresh_from_db()
+    assert message.status == MessageStatus.QUEUED
+    assert "stopped while sending" in message.last_error
+    assert "STUCK_POLICY=retry" in message.last_error
+    fresh.refresh_from_db()
+    assert fresh.status == MessageStatus.SENDING
+
+
+def test_recover_stuck_fails_under_fail_policy(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="fail")
+    message = stuck()
+
+    counts = delivery.recover_stuck()
+
+    assert counts["failed"] == 1
+    message.refresh_from_db()
+    assert message.status == MessageStatus.FAILED
+    assert "STUCK_POLICY=fail" in message.last_error
+
+
+def test_recover_stuck_fails_messages_out_of_attempts(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="retry", MAX_ATTEMPTS=3)
+    message = stuck()
+    Message.objects.filter(pk=message.pk).update(attempts=3)
+
+    delivery.recover_stuck()
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.FAILED
+    assert "attempts exhausted" in message.last_error
+
+
+def test_requeue_puts_failed_messages_back_with_attempts_reset():
+    failed = queue("ada@example.com", status=MessageStatus.FAILED, attempts=5, last_error="550")
+    sent = queue("bob@example.com", status=MessageStatus.SENT, attempts=1)
+
+    assert delivery.requeue(Message.objects.all()) == 1
+
+    failed.refresh_from_db()
+    assert failed.status == MessageStatus.QUEUED
+    assert failed.attempts == 0
+    assert failed.last_error == ""
+    assert failed.send_after is None
+    sent.refresh_from_db()
+    assert sent.status == MessageStatus.SENT
+
+
+# --- anymail --------------------------------------------------------------------------
+
+
+def test_anymail_backend_gets_metadata_header_and_returns_provider_id(broker, settings):
+    settings.EMAIL_BACKEND = "anymail.backends.test.EmailBackend"
+    messages = [queue("ada@example.com"), queue("bob@example.com")]
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 2
+
+    assert len(mail.outbox) == 2
+    for message in messages:
+        message.refresh_from_db()
+        sent = next(e for e in mail.outbox if e.to == [message.to_email])
+        assert message.status == MessageStatus.SENT
+        assert message.provider_message_id == str(sent.anymail_status.message_id)
+        assert sent.anymail_test_params["metadata"] == {"mailer_message_id": str(message.uuid)}
+        headers = sent.anymail_test_params["extra_headers"]
+        assert headers["X-Mailer-Message-Id"] == str(message.uuid)
+        assert sent.anymail_test_params["tags"] == ["welcome"]
+    assert {m.provider_message_id for m in messages} == {"0", "1"}
+
+
+def test_anymail_api_error_is_retried(broker, settings, monkeypatch):
+    settings.EMAIL_BACKEND = "anymail.backends.test.EmailBackend"
+    original = delivery.build_email
+
+    def failing(message, compiled, connection=None):
+        email = original(message, compiled, connection)
+        email.anymail_test_response = esp_error(503)
+        return email
+
+    monkeypatch.setattr(delivery, "build_email", failing)
+    message = queue("ada@example.com")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.QUEUED
+    assert "503" in message.last_error

@@ -8,7 +8,6 @@ from django.utils import timezone
 
 from mailer.models import Contact, Kind, Message, MessageStatus, Suppression, Template
 
-
 PASSWORD = "correct horse battery staple"
 
 

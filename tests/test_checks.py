@@ -1,0 +1,86 @@
+"""System checks: mailer's misconfigurations are caught at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailer.checks import check_settings
+
+
+def mailer_ids() -> list[str]:
+    return sorted(message.id for message in check_settings())
+
+
+@pytest.fixture
+def redis_broker(settings):
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6390/3"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    settings.CELERY_TASK_TIME_LIMIT = 300
+
+
+def test_project_settings_pass_every_check(redis_broker):
+    assert mailer_ids() == []
+
+
+def test_documented_defaults_pass_every_check(redis_broker, settings):
+    settings.MAILER = {}
+
+    assert mailer_ids() == []
+
+
+def test_defaults_without_redis_or_time_limit_pass(settings):
+    settings.MAILER = {}
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    settings.CELERY_TASK_TIME_LIMIT = None
+
+    assert mailer_ids() == []
+
+
+@pytest.mark.parametrize("rate", ["fast", "10 per second", "10/d"])
+def test_unparsable_rate_limit_is_error_e001(redis_broker, settings, rate):
+    settings.MAILER = {**settings.MAILER, "RATE_LIMITS": {"campaign": rate}}
+
+    errors = check_settings()
+
+    assert [e.id for e in errors] == ["mailer.E001"]
+    assert rate in errors[0].msg
+
+
+def test_max_countdown_at_or_past_visibility_timeout_is_error_e002(redis_broker, settings):
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 900}
+    settings.MAILER = {**settings.MAILER, "MAX_COUNTDOWN": 900}
+
+    assert mailer_ids() == ["mailer.E002"]
+
+
+def test_max_countdown_is_not_checked_without_a_visibility_timeout(settings):
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    settings.MAILER = {**settings.MAILER, "MAX_COUNTDOWN": 100_000}
+
+    assert mailer_ids() == []
+
+
+def test_visibility_timeout_within_task_time_limit_is_error_e003(redis_broker, settings):
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 400}
+    settings.MAILER = {**settings.MAILER, "MAX_COUNTDOWN": 100}
+    settings.CELERY_TASK_TIME_LIMIT = 400
+
+    assert mailer_ids() == ["mailer.E003"]
+
+
+def test_sending_lease_within_task_time_limit_is_error_e004(redis_broker, settings):
+    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 300}
+
+    assert mailer_ids() == ["mailer.E004"]
+
+
+def test_unknown_stuck_policy_is_error_e005(redis_broker, settings):
+    settings.MAILER = {**settings.MAILER, "STUCK_POLICY": "ignore"}
+
+    assert mailer_ids() == ["mailer.E005"]
+
+
+def test_zero_max_attempts_is_error_e006(redis_broker, settings):
+    settings.MAILER = {**settings.MAILER, "MAX_ATTEMPTS": 0}
+
+    assert mailer_ids() == ["mailer.E006"]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+
+from django import forms
 from django.contrib import admin, messages
+from django.http import HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from . import delivery, rendering
-from .exceptions import MailerError
-from .models import Contact, Event, Message, Suppression, Template
+from . import delivery, rendering, suppressions
+from .exceptions import ImportFileError, MailerError
+from .models import Contact, Event, Link, Message, Suppression, Template
 
 
 def _iframe(html: str, height: int = 480) -> str:
@@ -26,7 +33,14 @@ class EventInline(admin.TabularInline):
     model = Event
     extra = 0
     can_delete = False
-    fields = ("timestamp", "event_type", "recipient", "description", "provider_event_id")
+    fields = (
+        "timestamp",
+        "event_type",
+        "description",
+        "automated_reason",
+        "link",
+        "provider_event_id",
+    )
     readonly_fields = fields
     ordering = ("timestamp",)
 
@@ -189,22 +203,104 @@ class ContactAdmin(admin.ModelAdmin):
     readonly_fields = ("created_at", "updated_at")
 
 
+class SuppressionImportForm(forms.Form):
+    file = forms.FileField(
+        help_text="CSV with a header row: email (required), scope (all/marketing), "
+        "reason (hard_bounce, soft_bounce, invalid, complaint, unsubscribe, manual), note."
+    )
+
+
 @admin.register(Suppression)
 class SuppressionAdmin(admin.ModelAdmin):
     list_display = ("email", "scope", "reason", "source", "created_at")
     list_filter = ("scope", "reason", ("created_at", admin.DateFieldListFilter))
-    search_fields = ("email", "note")
+    search_fields = ("email", "note", "source")
+    actions = ("export_csv",)
+    change_list_template = "admin/mailer/suppression/change_list.html"
+
+    def get_urls(self):
+        extra = [
+            path(
+                "import/",
+                self.admin_site.admin_view(self.import_view),
+                name="mailer_suppression_import",
+            ),
+            path(
+                "export/",
+                self.admin_site.admin_view(self.export_all_view),
+                name="mailer_suppression_export",
+            ),
+        ]
+        return extra + super().get_urls()
 
     def save_model(self, request, obj, form, change) -> None:
-        if not change and not obj.source:
-            obj.source = f"admin:{request.user.get_username()}"
+        if not change:
+            # Through the service, so the address's waiting marketing is cancelled too.
+            obj.source = obj.source or f"admin:{request.user.get_username()}"
+            saved, _ = suppressions.suppress(
+                obj.email, scope=obj.scope, reason=obj.reason, source=obj.source, note=obj.note
+            )
+            obj.pk = saved.pk
+            return
         super().save_model(request, obj, form, change)
+
+    def _csv_response(self, queryset) -> HttpResponse:
+        buffer = io.StringIO()
+        suppressions.export_csv(queryset.iterator(), buffer)
+        response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+        stamp = timezone.now().strftime("%Y%m%d-%H%M")
+        response["Content-Disposition"] = f'attachment; filename="suppressions-{stamp}.csv"'
+        return response
+
+    @admin.action(description="Export selected suppressions as CSV")
+    def export_csv(self, request, queryset):
+        return self._csv_response(queryset)
+
+    def export_all_view(self, request):
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        return self._csv_response(Suppression.objects.order_by("email"))
+
+    def import_view(self, request):
+        if not self.has_add_permission(request):
+            return HttpResponse(status=403)
+        form = SuppressionImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            upload = form.cleaned_data["file"]
+            try:
+                report = suppressions.import_csv(
+                    upload.read(), source=f"import:{request.user.get_username()}"
+                )
+            except ImportFileError as exc:
+                form.add_error("file", str(exc))
+            else:
+                self.message_user(
+                    request,
+                    f"{report.created} suppressions added, {report.existing} already present, "
+                    f"{len(report.rejected)} rows rejected.",
+                    messages.SUCCESS if not report.rejected else messages.WARNING,
+                )
+                for line, reason in report.rejected[:50]:
+                    self.message_user(request, f"Row {line}: {reason}", messages.WARNING)
+                return redirect(reverse("admin:mailer_suppression_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Import suppressions",
+            "form": form,
+            "opts": self.model._meta,
+        }
+        return render(request, "admin/mailer/suppression/import.html", context)
 
 
 @admin.register(Event)
 class EventAdmin(admin.ModelAdmin):
-    list_display = ("timestamp", "event_type", "recipient", "message")
-    list_filter = ("event_type", ("timestamp", admin.DateFieldListFilter))
+    list_display = ("timestamp", "event_type", "recipient", "bounce", "automated", "message")
+    list_filter = (
+        "event_type",
+        "bounce",
+        "automated",
+        ("timestamp", admin.DateFieldListFilter),
+    )
     search_fields = ("recipient", "=provider_event_id")
     raw_id_fields = ("message",)
     readonly_fields = (
@@ -216,6 +312,16 @@ class EventAdmin(admin.ModelAdmin):
         "description",
         "data",
     )
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(Link)
+class LinkAdmin(admin.ModelAdmin):
+    list_display = ("id", "url", "created_at")
+    search_fields = ("url",)
+    readonly_fields = ("url", "url_hash", "created_at")
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -20,4 +20,8 @@ class MailerConfig(AppConfig):
         signals.password_reset_requested.connect(
             receivers.on_password_reset_requested, dispatch_uid="mailer.password_reset"
         )
+        from anymail.signals import inbound, tracking
+
+        tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
+        inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)

@@ -52,4 +52,14 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         )
     if int(conf.get("MAX_ATTEMPTS")) < 1:
         errors.append(checks.Error("MAILER['MAX_ATTEMPTS'] must be at least 1.", id="mailer.E006"))
+    if not conf.debug() and not conf.webhook_secret():
+        errors.append(
+            checks.Error(
+                "ANYMAIL['WEBHOOK_SECRET'] is not set: anyone could post forged bounces and "
+                "complaints to the ESP webhooks.",
+                hint="Set ANYMAIL_WEBHOOK_SECRET='user:long-random-password' and put the "
+                "same credentials in the webhook URL at your ESP.",
+                id="mailer.E007",
+            )
+        )
     return errors

@@ -50,6 +50,57 @@ DEFAULTS: dict[str, Any] = {
     "VERIFY_MAX_AGE": 3 * 24 * 3600,
     # Extra names allowed in every template besides the standard context.
     "EXTRA_CONTEXT": [],
+    # Own open/click tracking for SMTP set-ups. None: on unless an anymail ESP sends
+    # (the ESP tracks then). Applies to marketing and drip mail only.
+    "TRACK_OPENS": None,
+    "TRACK_CLICKS": None,
+    # Opens/clicks this soon after sending are flagged automated (scanners, proxies).
+    "AUTOMATED_WINDOW": 10,
+    # Distinct links of one message clicked within this many seconds: a scanner.
+    "CLICK_BURST_SECONDS": 2,
+    # User agents of link scanners and security gateways (case-insensitive regexes).
+    "SCANNER_USER_AGENTS": [
+        r"bot\b",
+        r"spider",
+        r"crawler",
+        r"barracuda",
+        r"mimecast",
+        r"proofpoint",
+        r"symantec",
+        r"messagelabs",
+        r"trend ?micro",
+        r"zscaler",
+        r"fortinet",
+        r"sophos",
+        r"forcepoint",
+        r"cisco",
+        r"ironport",
+        r"safelinks",
+        r"linkscanner",
+        r"urlscan",
+        r"python-requests",
+        r"python-urllib",
+        r"curl/",
+        r"wget/",
+        r"go-http-client",
+        r"java/",
+        r"okhttp",
+        r"headlesschrome",
+        r"phantomjs",
+        r"microsoft office",
+    ],
+    # Soft bounces within the window before the address is suppressed for all mail.
+    "SOFT_BOUNCE_LIMIT": 3,
+    "SOFT_BOUNCE_DAYS": 30,
+    # The mailto: of List-Unsubscribe; None: unsubscribe@<sender's domain>.
+    "UNSUBSCRIBE_MAILTO": None,
+    # Reputation guard: pause marketing when rolling rates pass these.
+    "REPUTATION": {
+        "BOUNCE_RATE": 0.05,
+        "COMPLAINT_RATE": 0.001,
+        "WINDOW_HOURS": 24,
+        "MIN_SENT": 200,
+    },
 }
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -123,6 +174,7 @@ def from_email() -> str:
 # Task name → mailer queue kind. Celery routes through route_task, the one place.
 TASK_QUEUES = {
     "mailer.tasks.drain_transactional": "transactional",
+    "mailer.tasks.drain_campaign": "campaign",
     "mailer.tasks.release_due_messages": "transactional",
     "mailer.tasks.recover_stuck_messages": "transactional",
 }
@@ -150,6 +202,32 @@ def task_time_limit() -> float | None:
     """The hard time limit Celery kills a task at, if set."""
     limit = getattr(settings, "CELERY_TASK_TIME_LIMIT", None)
     return float(limit) if limit else None
+
+
+def esp_tracks() -> bool:
+    """True when an anymail ESP sends (and tracks opens and clicks itself)."""
+    return str(getattr(settings, "EMAIL_BACKEND", "")).startswith("anymail.")
+
+
+def track_opens() -> bool:
+    value = get("TRACK_OPENS")
+    return (not esp_tracks()) if value is None else bool(value)
+
+
+def track_clicks() -> bool:
+    value = get("TRACK_CLICKS")
+    return (not esp_tracks()) if value is None else bool(value)
+
+
+def webhook_secret() -> str | None:
+    """anymail's WEBHOOK_SECRET ("user:password"), read the way anymail reads it."""
+    from anymail.utils import get_anymail_setting
+
+    return get_anymail_setting("webhook_secret", default=None)
+
+
+def debug() -> bool:
+    return bool(settings.DEBUG)
 
 
 def password_reset_hours() -> int:

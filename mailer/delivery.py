@@ -27,7 +27,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from . import conf, rendering
+from . import conf, rendering, tracking, unsubscribe
 from .exceptions import (
     HeaderInjection,
     PermanentSendError,
@@ -43,6 +43,17 @@ from .ratelimit import chunk_size, redis_client, reserve
 logger = logging.getLogger(__name__)
 
 KICK_TTL_MS = 2000
+
+#: The kinds of mail each queue carries.
+QUEUE_KINDS = {
+    Kind.TRANSACTIONAL: (Kind.TRANSACTIONAL,),
+    Kind.CAMPAIGN: (Kind.CAMPAIGN, Kind.DRIP),
+}
+
+
+def queue_for(kind: str) -> str:
+    """The queue ("transactional" or "campaign") that carries a kind of mail."""
+    return Kind.TRANSACTIONAL if kind == Kind.TRANSACTIONAL else Kind.CAMPAIGN
 
 
 # --- Waking workers ---------------------------------------------------------------------
@@ -93,13 +104,13 @@ def _clear_kick(kind: str) -> None:
 # --- Claiming ---------------------------------------------------------------------------
 
 
-def claim_due(kind: str, size: int) -> list[Message]:
+def claim_due(queue: str, size: int) -> list[Message]:
     """Atomically move up to ``size`` due queued messages to sending, oldest first."""
     now = timezone.now()
     token = uuid.uuid4()
     with transaction.atomic():
         ids = list(
-            Message.objects.filter(kind=kind, status=MessageStatus.QUEUED)
+            Message.objects.filter(kind__in=QUEUE_KINDS[queue], status=MessageStatus.QUEUED)
             .filter(Q(send_after__isnull=True) | Q(send_after__lte=now))
             .order_by("id")
             .select_for_update(skip_locked=True)
@@ -117,7 +128,10 @@ def claim_due(kind: str, size: int) -> list[Message]:
 
 
 def drain(kind: str = Kind.TRANSACTIONAL) -> int:
-    """Send due messages of ``kind`` batch by batch; hand over after DRAIN_SECONDS."""
+    """Send the due messages of a queue batch by batch; hand over after DRAIN_SECONDS.
+
+    ``kind`` names the queue: "transactional", or "campaign" (campaign and drip mail).
+    """
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
     batch_size = int(conf.get("BATCH_SIZE"))
     rate = conf.rate_limit(kind)
@@ -162,10 +176,12 @@ def suppressed_addresses(addresses: list[str], kind: str) -> set[str]:
     )
 
 
-def message_context(message: Message) -> dict:
+def message_context(message: Message, links: unsubscribe.Links | None = None) -> dict:
     """The message's own context under the standard names every template may use."""
     contact = message.contact
     context = dict(message.context or {})
+    if links is not None:
+        context.update(unsubscribe_url=links.unsubscribe_url, preferences_url=links.preferences_url)
     context.update(
         app_name=conf.get("APP_NAME"),
         site_url=rendering.site_url(),
@@ -191,19 +207,34 @@ def message_id_header(message: Message) -> str:
 
 
 def build_email(message: Message, compiled: rendering.Compiled, connection=None) -> PreparedEmail:
-    """Render one message into an email ready for any Django backend."""
-    rendered = compiled.render(message_context(message))
+    """Render one message into an email ready for any Django backend.
+
+    Marketing and drip mail also gets signed unsubscribe links, the RFC 8058 headers and,
+    on SMTP set-ups, our open pixel and click redirects.
+    """
+    headers = {"X-Mailer-Message-Id": str(message.uuid)}
+    marketing = message.kind != Kind.TRANSACTIONAL
+    links = unsubscribe.links(message.to_email, message.uuid) if marketing else None
+    rendered = compiled.render(message_context(message, links))
+    html = rendered.html
+    if links is not None:
+        headers.update(unsubscribe.headers(links))
+        opens, clicks = conf.track_opens(), conf.track_clicks()
+        if opens or clicks:
+            html = tracking.add_tracking(
+                html, message, base_url=rendering.site_url(), opens=opens, clicks=clicks
+            )
     name = (message.contact.name if message.contact else "").replace("\r", " ").replace("\n", " ")
     header_id = message_id_header(message)
     email = PreparedEmail(
         subject=rendered.subject,
         text=rendered.text,
-        html=rendered.html,
+        html=html,
         message_id=header_id,
         from_email=conf.from_email(),
         to=[formataddr((name, message.to_email)) if name else message.to_email],
         connection=connection,
-        headers={"X-Mailer-Message-Id": str(message.uuid)},
+        headers=headers,
     )
     email.metadata = {"mailer_message_id": str(message.uuid)}  # anymail
     email.tags = [message.template_slug]
@@ -307,7 +338,10 @@ class _Sender:
 
 
 def send_batch(messages: list[Message], kind: str) -> BatchResult:
-    """Send claimed messages over one connection and record every outcome in bulk."""
+    """Send claimed messages over one connection and record every outcome in bulk.
+
+    ``kind`` is the queue: it decides the rate limit and which suppressions apply.
+    """
     now = timezone.now()
     blocked = suppressed_addresses([m.to_email for m in messages], kind)
     sources: dict[tuple, rendering.Compiled | SendError] = {}
@@ -400,8 +434,12 @@ def _record_sent(sent: list[tuple[Message, str]], now: datetime) -> None:
     if not sent:
         return
     ids = [m.pk for m, _ in sent]
-    Message.objects.filter(pk__in=ids, status=MessageStatus.SENDING).update(
-        status=MessageStatus.SENT,
+    # A webhook may have moved a message on (delivered) before this update: keep that.
+    Message.objects.filter(pk__in=ids).update(
+        status=Case(
+            When(status=MessageStatus.SENDING, then=Value(MessageStatus.SENT)),
+            default=F("status"),
+        ),
         sent_at=now,
         last_error="",
         provider_message_id=Case(
@@ -512,9 +550,8 @@ def release_due(limit: int = 10_000) -> int:
     ).update(status=MessageStatus.QUEUED, queued_at=now)
     for _, kind in ids:
         by_kind[kind] += 1
-    for kind in by_kind:
-        if kind == Kind.TRANSACTIONAL:
-            kick(kind)
+    for queue in {queue_for(kind) for kind in by_kind}:
+        kick(queue)
     return released
 
 
@@ -547,8 +584,9 @@ def recover_stuck() -> dict[str, int]:
     if counts["requeued"] or counts["failed"]:
         logger.error("mailer: recovered stuck messages: %s", counts)
     lost = Message.objects.lost_in_queue(float(conf.get("QUEUED_LEASE")), now)
-    if counts["requeued"] or lost.filter(kind=Kind.TRANSACTIONAL).exists():
-        counts["kicked"] = int(kick(Kind.TRANSACTIONAL))
+    for queue, kinds in QUEUE_KINDS.items():
+        if counts["requeued"] or lost.filter(kind__in=kinds).exists():
+            counts["kicked"] += int(kick(queue))
     return counts
 
 
@@ -565,7 +603,6 @@ def requeue(queryset) -> int:
     )
     if count:
         kinds = set(Message.objects.filter(pk__in=ids).values_list("kind", flat=True))
-        for kind in kinds:
-            if kind == Kind.TRANSACTIONAL:
-                transaction.on_commit(lambda k=kind: kick(k))
+        for queue in {queue_for(kind) for kind in kinds}:
+            transaction.on_commit(lambda q=queue: kick(q))
     return count

@@ -39,6 +39,10 @@ class InvalidContext(MailerError, ValueError):
     """Template context that cannot be stored (not JSON) or is not a mapping."""
 
 
+class ImportFileError(MailerError, ValueError):
+    """A file to import cannot be read as a whole; nothing from it was imported."""
+
+
 class SuppressedRecipient(MailerError):
     """The address is on the suppression list for this kind of mail."""
 

@@ -221,10 +221,26 @@ class EventType(models.TextChoices):
     UNKNOWN = "unknown", "Unknown"
 
 
+class Link(models.Model):
+    """A URL recorded at send time; click redirects go only to these, by signed id."""
+
+    url = models.TextField()
+    url_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.url[:100]
+
+
 class Event(models.Model):
     """Something that happened to a message, once per provider event."""
 
     Type = EventType
+
+    class Bounce(models.TextChoices):
+        NONE = "", "—"
+        HARD = "hard", "Hard"
+        SOFT = "soft", "Soft"
 
     message = models.ForeignKey(
         Message, null=True, blank=True, on_delete=models.CASCADE, related_name="events"
@@ -234,11 +250,20 @@ class Event(models.Model):
     recipient = models.EmailField(max_length=254, blank=True)
     timestamp = models.DateTimeField(default=timezone.now, db_index=True)
     description = models.TextField(blank=True)
+    bounce = models.CharField(max_length=4, choices=Bounce.choices, blank=True, default="")
+    link = models.ForeignKey(Link, null=True, blank=True, on_delete=models.SET_NULL)
+    automated = models.BooleanField(
+        default=False, help_text="Looks like a scanner or proxy, not a person; left out of rates."
+    )
+    automated_reason = models.CharField(max_length=100, blank=True)
     data = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ("-timestamp",)
-        indexes = [models.Index(fields=("event_type", "timestamp"), name="mailer_event_type_ts")]
+        indexes = [
+            models.Index(fields=("event_type", "timestamp"), name="mailer_event_type_ts"),
+            models.Index(fields=("recipient", "timestamp"), name="mailer_event_rcpt_ts"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.recipient}"

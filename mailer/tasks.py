@@ -17,6 +17,12 @@ def drain_transactional() -> int:
     return delivery.drain(Kind.TRANSACTIONAL)
 
 
+@shared_task(name="mailer.tasks.drain_campaign", **_RELIABLE)
+def drain_campaign() -> int:
+    """Send every due campaign and drip message, batch by batch."""
+    return delivery.drain(Kind.CAMPAIGN)
+
+
 @shared_task(name="mailer.tasks.release_due_messages", **_RELIABLE)
 def release_due_messages() -> int:
     """Beat: hand scheduled messages whose time has come to the workers."""
@@ -31,4 +37,4 @@ def recover_stuck_messages() -> dict:
 
 def drain_task(kind: str):
     """The drain task for a kind of mail."""
-    return {Kind.TRANSACTIONAL: drain_transactional}[kind]
+    return {Kind.TRANSACTIONAL: drain_transactional, Kind.CAMPAIGN: drain_campaign}[kind]

@@ -18,5 +18,6 @@ urlpatterns = [
     ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("mailer/", include("mailer.urls")),
+    path("anymail/", include("anymail.urls")),  # /anymail/<esp>/tracking/ webhooks
     path("admin/", admin.site.urls),
 ]

@@ -11,6 +11,11 @@ def mailer_ids() -> list[str]:
     return sorted(message.id for message in check_settings())
 
 
+@pytest.fixture(autouse=True)
+def webhook_secret(settings):
+    settings.ANYMAIL = {**settings.ANYMAIL, "WEBHOOK_SECRET": "user:long-random-password"}
+
+
 @pytest.fixture
 def redis_broker(settings):
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:6390/3"
@@ -84,3 +89,17 @@ def test_zero_max_attempts_is_error_e006(redis_broker, settings):
     settings.MAILER = {**settings.MAILER, "MAX_ATTEMPTS": 0}
 
     assert mailer_ids() == ["mailer.E006"]
+
+
+def test_missing_webhook_secret_without_debug_is_error_e007(settings):
+    settings.ANYMAIL = {}
+    settings.DEBUG = False
+
+    assert "mailer.E007" in mailer_ids()
+
+
+def test_missing_webhook_secret_is_fine_in_debug(settings):
+    settings.ANYMAIL = {}
+    settings.DEBUG = True
+
+    assert "mailer.E007" not in mailer_ids()

@@ -1,0 +1,348 @@
+"""What happens after an email leaves: ESP events, our own opens and clicks, bounces.
+
+Every event is stored once (unique on the provider's event id, or a stable hash), and a
+message's status only moves forward, so replays and reordering change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+from django.core import signing
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from . import conf
+from .exceptions import MailerError
+from .models import Event, Link, Message, MessageStatus, Suppression
+from .suppressions import suppress
+
+logger = logging.getLogger(__name__)
+
+#: Status a message takes from an event, and its rank: a status only moves to a higher
+#: rank. The final ones (failed < bounced < complained) outrank any engagement.
+EVENT_STATUS = {
+    Event.Type.DELIVERED: MessageStatus.DELIVERED,
+    Event.Type.OPENED: MessageStatus.OPENED,
+    Event.Type.CLICKED: MessageStatus.CLICKED,
+    Event.Type.REJECTED: MessageStatus.FAILED,
+    Event.Type.FAILED: MessageStatus.FAILED,
+    Event.Type.BOUNCED: MessageStatus.BOUNCED,
+    Event.Type.COMPLAINED: MessageStatus.COMPLAINED,
+}
+RANK = {
+    MessageStatus.SCHEDULED: 0,
+    MessageStatus.QUEUED: 0,
+    MessageStatus.SENDING: 0,
+    MessageStatus.SENT: 1,
+    MessageStatus.DELIVERED: 2,
+    MessageStatus.OPENED: 3,
+    MessageStatus.CLICKED: 4,
+    MessageStatus.FAILED: 10,
+    MessageStatus.BOUNCED: 11,
+    MessageStatus.COMPLAINED: 12,
+}
+
+# Soft (temporary) bounces in events anymail calls "bounced".
+_POSTMARK_SOFT = {"SoftBounce", "Transient", "DnsError", "MailFrontier", "ChallengeVerification"}
+_SOFT_MARKERS = re.compile(r"soft|transient|temporar", re.I)
+
+
+class TrackingError(MailerError):
+    """A tracking link or pixel that is forged, altered or unknown."""
+
+
+def advance_status(message_id: int, status: str) -> bool:
+    """Move a message to ``status`` if that is forward; returns whether it moved."""
+    lower = [s for s, rank in RANK.items() if rank < RANK[status]]
+    return bool(Message.objects.filter(pk=message_id, status__in=lower).update(status=status))
+
+
+# --- ESP events ----------------------------------------------------------------------------
+
+
+def _event_key(esp: str, event) -> str:
+    if event.event_id:
+        return f"{esp}:{event.event_id}"[:255]
+    # No id from the ESP: a stable hash of what identifies the event.
+    timestamp = event.timestamp.isoformat() if event.timestamp else ""
+    parts = [esp, event.event_type, event.message_id, event.recipient, timestamp, event.click_url]
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+    return f"{esp}:sha256:{digest}"
+
+
+def find_message(event) -> Message | None:
+    """By our id in the metadata (works before the send recorded the provider id), then
+    by the provider's message id."""
+    ours = (event.metadata or {}).get("mailer_message_id")
+    if ours:
+        try:
+            found = Message.objects.filter(uuid=uuid.UUID(str(ours))).only("id", "to_email").first()
+        except ValueError:
+            found = None
+        if found is not None:
+            return found
+    if event.message_id:
+        return (
+            Message.objects.filter(provider_message_id=str(event.message_id))
+            .only("id", "to_email")
+            .first()
+        )
+    return None
+
+
+def bounce_kind(esp: str, event) -> str:
+    """'hard', 'soft' or '' for an anymail event, read from the ESP's own fields.
+
+    anymail calls most bounces "bounced"; whether one is temporary is ESP-specific.
+    """
+    if event.event_type == Event.Type.DEFERRED:
+        # Mailgun reports a temporary *failure* this way; elsewhere it is only a delay.
+        return Event.Bounce.SOFT if esp == "mailgun" else Event.Bounce.NONE
+    if event.event_type != Event.Type.BOUNCED:
+        return Event.Bounce.NONE
+    raw = event.esp_event if isinstance(event.esp_event, dict) else {}
+    if esp == "postmark":
+        soft = raw.get("Type") in _POSTMARK_SOFT
+    elif esp in ("brevo", "sendinblue"):
+        soft = raw.get("event") == "soft_bounce"
+    elif esp == "sendgrid":
+        soft = raw.get("type") == "blocked"
+    elif esp == "amazon_ses":
+        bounce = raw.get("bounce") if isinstance(raw.get("bounce"), dict) else {}
+        soft = bounce.get("bounceType") in ("Transient", "Undetermined")
+    elif esp == "mailgun":
+        soft = raw.get("severity") == "temporary"
+    else:
+        soft = bool(_SOFT_MARKERS.search(f"{raw.get('type', '')} {raw.get('event', '')}"))
+    return Event.Bounce.SOFT if soft else Event.Bounce.HARD
+
+
+def record(event, esp: str) -> Event | None:
+    """Store one anymail tracking event and apply its consequences; None for a replay."""
+    message = find_message(event)
+    recipient = (event.recipient or (message.to_email if message else "") or "").strip().lower()
+    data = {
+        "esp": esp,
+        "reject_reason": event.reject_reason,
+        "mta_response": (event.mta_response or "")[:1000],
+        "tags": list(event.tags or []),
+    }
+    if event.click_url:
+        data["click_url"] = event.click_url[:2000]
+    if event.user_agent:
+        data["user_agent"] = event.user_agent[:500]
+    try:
+        with transaction.atomic():
+            stored = Event.objects.create(
+                message=message,
+                event_type=event.event_type
+                if event.event_type in Event.Type.values
+                else Event.Type.UNKNOWN,
+                provider_event_id=_event_key(esp, event),
+                recipient=recipient[:254],
+                timestamp=event.timestamp or timezone.now(),
+                description=(event.description or "")[:2000],
+                bounce=bounce_kind(esp, event),
+                data=data,
+            )
+    except IntegrityError:
+        return None  # seen before: a replayed webhook changes nothing
+    status = EVENT_STATUS.get(stored.event_type)
+    if message is not None and status is not None:
+        advance_status(message.pk, status)
+    apply_policy(stored, reject_reason=event.reject_reason)
+    return stored
+
+
+def apply_policy(event: Event, *, reject_reason: str | None = None) -> Suppression | None:
+    """Suppress the recipient as the event warrants (MAILER soft-bounce settings)."""
+    address = event.recipient
+    if not address:
+        return None
+    source = f"webhook:{event.data.get('esp', 'own')}"
+    kind, reason, scope = event.event_type, None, None
+    if kind == Event.Type.BOUNCED and event.bounce == Event.Bounce.HARD:
+        reason, scope = Suppression.Reason.HARD_BOUNCE, Suppression.Scope.ALL
+    elif kind in (Event.Type.REJECTED, Event.Type.FAILED) and reject_reason == "invalid":
+        reason, scope = Suppression.Reason.INVALID, Suppression.Scope.ALL
+    elif event.bounce == Event.Bounce.SOFT:
+        since = timezone.now() - timedelta(days=int(conf.get("SOFT_BOUNCE_DAYS")))
+        count = Event.objects.filter(
+            recipient=address, bounce=Event.Bounce.SOFT, timestamp__gte=since
+        ).count()
+        if count >= int(conf.get("SOFT_BOUNCE_LIMIT")):
+            reason, scope = Suppression.Reason.SOFT_BOUNCE, Suppression.Scope.ALL
+    elif kind == Event.Type.COMPLAINED:
+        reason, scope = Suppression.Reason.COMPLAINT, Suppression.Scope.MARKETING
+    elif kind == Event.Type.UNSUBSCRIBED:
+        reason, scope = Suppression.Reason.UNSUBSCRIBE, Suppression.Scope.MARKETING
+    if reason is None:
+        return None
+    try:
+        suppression, _ = suppress(
+            address, scope=scope, reason=reason, source=source, note=event.description[:500]
+        )
+    except MailerError as exc:
+        logger.warning("mailer: event %s has an unusable recipient: %s", event.pk, exc)
+        return None
+    return suppression
+
+
+# --- Own tracking (SMTP set-ups) -------------------------------------------------------------
+
+_CLICK_SALT = "mailer.tracking.click"
+_OPEN_SALT = "mailer.tracking.open"
+_HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"'\s>]+)\2""", re.I)
+_BODY_END = re.compile(r"</body\s*>", re.I)
+PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+
+def link_id(url: str) -> int:
+    """The id of a recorded URL, recording it the first time (cached per process)."""
+    return _link_id(url)
+
+
+@lru_cache(maxsize=4096)
+def _link_id(url: str) -> int:
+    digest = hashlib.sha256(url.encode()).hexdigest()
+    link = Link.objects.filter(url_hash=digest).only("id").first()
+    if link is None:
+        try:
+            with transaction.atomic():
+                link = Link.objects.create(url=url, url_hash=digest)
+        except IntegrityError:
+            link = Link.objects.get(url_hash=digest)
+    return link.pk
+
+
+def click_token(message_uuid: uuid.UUID, link: int) -> str:
+    return signing.Signer(salt=_CLICK_SALT).sign(f"{message_uuid.hex}.{link}")
+
+
+def open_token(message_uuid: uuid.UUID) -> str:
+    return signing.Signer(salt=_OPEN_SALT).sign(message_uuid.hex)
+
+
+def add_tracking(html: str, message: Message, *, base_url: str, opens: bool, clicks: bool) -> str:
+    """Rewrite http(s) links to signed click redirects and add an open pixel."""
+    if clicks:
+        unsubscribe_prefix = f"{base_url}/mailer/"
+
+        def rewrite(match: re.Match) -> str:
+            url = match.group(3).replace("&amp;", "&")
+            if url.startswith(unsubscribe_prefix):
+                return match.group(0)  # our own pages are never wrapped
+            token = click_token(message.uuid, link_id(url))
+            target = base_url + reverse("mailer:click", args=[token])
+            return f"{match.group(1)}{match.group(2)}{target}{match.group(2)}"
+
+        html = _HREF.sub(rewrite, html)
+    if opens:
+        pixel = (
+            f'<img src="{base_url}{reverse("mailer:open", args=[open_token(message.uuid)])}" '
+            'width="1" height="1" alt="" style="display:block;border:0;width:1px;height:1px">'
+        )
+        html, count = _BODY_END.subn(pixel + "</body>", html, count=1)
+        if not count:
+            html += pixel
+    return html
+
+
+@dataclass
+class Hit:
+    message: Message
+    link: Link | None = None
+
+
+def resolve_click(token: str) -> Hit:
+    try:
+        value = signing.Signer(salt=_CLICK_SALT).unsign(token)
+        message_hex, link_pk = value.split(".", 1)
+        message = Message.objects.get(uuid=uuid.UUID(message_hex))
+        link = Link.objects.get(pk=int(link_pk))
+    except (signing.BadSignature, ValueError, Message.DoesNotExist, Link.DoesNotExist):
+        raise TrackingError("This link is not valid.") from None
+    return Hit(message=message, link=link)
+
+
+def resolve_open(token: str) -> Hit:
+    try:
+        message = Message.objects.get(uuid=uuid.UUID(signing.Signer(salt=_OPEN_SALT).unsign(token)))
+    except (signing.BadSignature, ValueError, Message.DoesNotExist):
+        raise TrackingError("This pixel is not valid.") from None
+    return Hit(message=message)
+
+
+@lru_cache(maxsize=8)
+def _scanner_pattern(patterns: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.I)
+
+
+def automated_reason(
+    message: Message, *, method: str, user_agent: str, now: datetime, link: Link | None = None
+) -> str:
+    """Why an open or click looks automatic, or '' when it looks like a person."""
+    if method == "HEAD":
+        return "HEAD request"
+    if not user_agent.strip():
+        return "no user agent"
+    if _scanner_pattern(tuple(conf.get("SCANNER_USER_AGENTS"))).search(user_agent):
+        return "scanner user agent"
+    if message.sent_at and now - message.sent_at < timedelta(
+        seconds=float(conf.get("AUTOMATED_WINDOW"))
+    ):
+        return "seconds after delivery"
+    if link is not None:
+        burst = now - timedelta(seconds=float(conf.get("CLICK_BURST_SECONDS")))
+        others = (
+            Event.objects.filter(
+                message=message, event_type=Event.Type.CLICKED, timestamp__gte=burst
+            )
+            .exclude(link=link)
+            .values("link")
+            .distinct()
+            .count()
+        )
+        if others >= 1:
+            return "several links clicked at once"
+    return ""
+
+
+def record_own(hit: Hit, *, event_type: str, method: str, user_agent: str) -> Event:
+    """Store an open or click from our pixel or redirect, flagged when automatic."""
+    now = timezone.now()
+    reason = automated_reason(
+        hit.message, method=method, user_agent=user_agent, now=now, link=hit.link
+    )
+    event = Event.objects.create(
+        message=hit.message,
+        event_type=event_type,
+        recipient=hit.message.to_email,
+        timestamp=now,
+        link=hit.link,
+        automated=bool(reason),
+        automated_reason=reason,
+        data={"user_agent": user_agent[:500]} if user_agent else {},
+    )
+    if reason == "several links clicked at once":
+        # The earlier clicks of the burst were the same scanner.
+        Event.objects.filter(
+            Q(message=hit.message, event_type=Event.Type.CLICKED, automated=False),
+            timestamp__gte=now - timedelta(seconds=float(conf.get("CLICK_BURST_SECONDS"))),
+        ).update(automated=True, automated_reason=reason)
+    if not reason:
+        advance_status(hit.message.pk, EVENT_STATUS[event_type])
+    return event

@@ -1,0 +1,143 @@
+"""Unsubscribing: signed per-address tokens, RFC 8058 headers, the preference choices."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from django.core import signing
+from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
+
+from . import conf
+from .exceptions import MailerError
+from .models import Contact, Event, Message, Suppression
+from .suppressions import resubscribe, suppress
+
+logger = logging.getLogger(__name__)
+
+# Its own salt: a verification or tracking token can never act as an unsubscribe token.
+_SALT = "mailer.unsubscribe"
+_TOKEN_IN_TEXT = re.compile(r"\.?[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+")
+
+
+class InvalidUnsubscribeToken(MailerError):
+    """The unsubscribe link was altered or forged."""
+
+
+@dataclass(frozen=True)
+class Target:
+    email: str
+    message_uuid: uuid.UUID | None
+
+
+def make_token(email: str, message_uuid: uuid.UUID | None = None) -> str:
+    """Signed, bound to one address (and the message, for reports); never expires."""
+    payload = {"e": email.strip().lower()}
+    if message_uuid is not None:
+        payload["m"] = message_uuid.hex
+    return signing.dumps(payload, salt=_SALT, compress=True)
+
+
+def read_token(token: str) -> Target:
+    try:
+        data = signing.loads(token, salt=_SALT)  # no max_age: links work for years
+    except signing.BadSignature:
+        raise InvalidUnsubscribeToken("This unsubscribe link is not valid.") from None
+    message = data.get("m")
+    return Target(email=data["e"], message_uuid=uuid.UUID(message) if message else None)
+
+
+@dataclass(frozen=True)
+class Links:
+    token: str
+    unsubscribe_url: str
+    preferences_url: str
+
+
+def links(email: str, message_uuid: uuid.UUID | None = None) -> Links:
+    """The token and absolute unsubscribe and preference URLs for an address."""
+    token = make_token(email, message_uuid)
+    base = conf.get("SITE_URL").rstrip("/")
+    return Links(
+        token=token,
+        unsubscribe_url=base + reverse("mailer:unsubscribe", args=[token]),
+        preferences_url=base + reverse("mailer:preferences", args=[token]),
+    )
+
+
+def mailto_address() -> str:
+    configured = conf.get("UNSUBSCRIBE_MAILTO")
+    if configured:
+        return configured
+    domain = conf.from_email().rsplit("@", 1)[-1].strip(">") or "localhost"
+    return f"unsubscribe@{domain}"
+
+
+def headers(found: Links) -> dict[str, str]:
+    """List-Unsubscribe (https + mailto) and List-Unsubscribe-Post (RFC 8058)."""
+    mailto = f"mailto:{mailto_address()}?subject={quote('unsubscribe ' + found.token)}"
+    return {
+        "List-Unsubscribe": f"<{found.unsubscribe_url}>, <{mailto}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+
+
+def unsubscribe(target: Target, *, source: str) -> bool:
+    """Suppress marketing to the address at once; returns whether it is new."""
+    with transaction.atomic():
+        _, created = suppress(
+            target.email,
+            scope=Suppression.Scope.MARKETING,
+            reason=Suppression.Reason.UNSUBSCRIBE,
+            source=source,
+        )
+        Contact.objects.filter(email=target.email).update(
+            consent=Contact.Consent.WITHDRAWN, consent_at=timezone.now(), consent_source=source
+        )
+        if created:
+            message = (
+                Message.objects.filter(uuid=target.message_uuid).only("id").first()
+                if target.message_uuid
+                else None
+            )
+            Event.objects.create(
+                message=message,
+                event_type=Event.Type.UNSUBSCRIBED,
+                recipient=target.email,
+                data={"source": source},
+            )
+    return created
+
+
+def subscribe(target: Target, *, source: str) -> Contact:
+    """Resubscribe from the preference page, recording the consent and its evidence."""
+    with transaction.atomic():
+        resubscribe(target.email)
+        contact, _ = Contact.objects.get_or_create(email=target.email)
+        contact.consent = Contact.Consent.GRANTED
+        contact.consent_at = timezone.now()
+        contact.consent_source = source[:200]
+        contact.save(update_fields=["consent", "consent_at", "consent_source", "updated_at"])
+        Event.objects.create(
+            event_type=Event.Type.SUBSCRIBED, recipient=target.email, data={"source": source}
+        )
+    return contact
+
+
+def is_subscribed(email: str) -> bool:
+    return not Suppression.objects.filter(email=email).exists()
+
+
+def from_inbound(subject: str, text: str = "") -> Target | None:
+    """The unsubscribe token in a reply to the List-Unsubscribe mailto, if any."""
+    for candidate in _TOKEN_IN_TEXT.findall(f"{subject} {text}"):
+        try:
+            return read_token(candidate)
+        except InvalidUnsubscribeToken:
+            continue
+    return None

@@ -206,7 +206,12 @@ def message_id_header(message: Message) -> str:
     return f"<{message.uuid}@{domain}>"
 
 
-def build_email(message: Message, compiled: rendering.Compiled, connection=None) -> PreparedEmail:
+def build_email(
+    message: Message,
+    compiled: rendering.Compiled,
+    connection=None,
+    link_cache: dict[str, int] | None = None,
+) -> PreparedEmail:
     """Render one message into an email ready for any Django backend.
 
     Marketing and drip mail also gets signed unsubscribe links, the RFC 8058 headers and,
@@ -222,7 +227,12 @@ def build_email(message: Message, compiled: rendering.Compiled, connection=None)
         opens, clicks = conf.track_opens(), conf.track_clicks()
         if opens or clicks:
             html = tracking.add_tracking(
-                html, message, base_url=rendering.site_url(), opens=opens, clicks=clicks
+                html,
+                message,
+                base_url=rendering.site_url(),
+                opens=opens,
+                clicks=clicks,
+                link_cache=link_cache,
             )
     name = (message.contact.name if message.contact else "").replace("\r", " ").replace("\n", " ")
     header_id = message_id_header(message)
@@ -350,6 +360,7 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
     retry: list[Message] = []
     suppressed: list[Message] = []
     sender = _Sender()
+    link_cache: dict[str, int] = {}
     reserved = 0
     step = chunk_size(kind, len(messages))
     try:
@@ -359,7 +370,7 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
                 continue
             try:
                 compiled = _compiled_for(message, sources)
-                email = build_email(message, compiled)
+                email = build_email(message, compiled, link_cache=link_cache)
                 if reserved == 0:
                     wait = reserve(kind, step)
                     if wait > 0:

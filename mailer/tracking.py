@@ -210,13 +210,14 @@ PIXEL = (
 )
 
 
-def link_id(url: str) -> int:
-    """The id of a recorded URL, recording it the first time (cached per process)."""
-    return _link_id(url)
+def link_id(url: str, cache: dict[str, int] | None = None) -> int:
+    """The id of a recorded URL, recording it the first time.
 
-
-@lru_cache(maxsize=4096)
-def _link_id(url: str) -> int:
+    ``cache`` lives for one batch: a campaign's few links cost a query each per batch,
+    and nothing stale outlives it.
+    """
+    if cache is not None and url in cache:
+        return cache[url]
     digest = hashlib.sha256(url.encode()).hexdigest()
     link = Link.objects.filter(url_hash=digest).only("id").first()
     if link is None:
@@ -225,6 +226,8 @@ def _link_id(url: str) -> int:
                 link = Link.objects.create(url=url, url_hash=digest)
         except IntegrityError:
             link = Link.objects.get(url_hash=digest)
+    if cache is not None:
+        cache[url] = link.pk
     return link.pk
 
 
@@ -236,7 +239,15 @@ def open_token(message_uuid: uuid.UUID) -> str:
     return signing.Signer(salt=_OPEN_SALT).sign(message_uuid.hex)
 
 
-def add_tracking(html: str, message: Message, *, base_url: str, opens: bool, clicks: bool) -> str:
+def add_tracking(
+    html: str,
+    message: Message,
+    *,
+    base_url: str,
+    opens: bool,
+    clicks: bool,
+    link_cache: dict[str, int] | None = None,
+) -> str:
     """Rewrite http(s) links to signed click redirects and add an open pixel."""
     if clicks:
         unsubscribe_prefix = f"{base_url}/mailer/"
@@ -245,7 +256,7 @@ def add_tracking(html: str, message: Message, *, base_url: str, opens: bool, cli
             url = match.group(3).replace("&amp;", "&")
             if url.startswith(unsubscribe_prefix):
                 return match.group(0)  # our own pages are never wrapped
-            token = click_token(message.uuid, link_id(url))
+            token = click_token(message.uuid, link_id(url, link_cache))
             target = base_url + reverse("mailer:click", args=[token])
             return f"{match.group(1)}{match.group(2)}{target}{match.group(2)}"
 

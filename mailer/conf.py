@@ -94,6 +94,10 @@ DEFAULTS: dict[str, Any] = {
     "SOFT_BOUNCE_DAYS": 30,
     # The mailto: of List-Unsubscribe; None: unsubscribe@<sender's domain>.
     "UNSUBSCRIBE_MAILTO": None,
+    # Printed in every marketing email ({{ postal_address }}); CAN-SPAM requires one.
+    "POSTAL_ADDRESS": "",
+    # A/B: fewer trials than this in any arm means too little data for a winner.
+    "AB_MIN_SAMPLE": 30,
     # Reputation guard: pause marketing when rolling rates pass these.
     "REPUTATION": {
         "BOUNCE_RATE": 0.05,
@@ -162,13 +166,17 @@ def redis_url() -> str | None:
     return broker if broker.startswith(("redis://", "rediss://")) else None
 
 
+def from_address() -> str:
+    """The sender's bare address: FROM_EMAIL, else DEFAULT_FROM_EMAIL."""
+    return get("FROM_EMAIL") or settings.DEFAULT_FROM_EMAIL
+
+
 def from_email() -> str:
     """The From header: 'Name <address>' built from FROM_NAME and FROM_EMAIL."""
     from email.utils import formataddr
 
-    address = get("FROM_EMAIL") or settings.DEFAULT_FROM_EMAIL
     name = get("FROM_NAME")
-    return formataddr((name, address)) if name else address
+    return formataddr((name, from_address())) if name else from_address()
 
 
 # Task name → mailer queue kind. Celery routes through route_task, the one place.

@@ -37,12 +37,25 @@ from .exceptions import (
     TransientSendError,
 )
 from .mime import PreparedEmail
-from .models import Event, Kind, Message, MessageStatus, Suppression
+from .models import (
+    Campaign,
+    CampaignStatus,
+    Event,
+    Kind,
+    Message,
+    MessageStatus,
+    ReputationPause,
+    Suppression,
+)
 from .ratelimit import chunk_size, redis_client, reserve
 
 logger = logging.getLogger(__name__)
 
 KICK_TTL_MS = 2000
+
+RUNNING_CAMPAIGN = (CampaignStatus.SENDING, CampaignStatus.TESTING)
+#: How often a worker re-reads its campaigns' state while sending a batch.
+STATE_CHECK_SECONDS = 1.0
 
 #: The kinds of mail each queue carries.
 QUEUE_KINDS = {
@@ -105,15 +118,24 @@ def _clear_kick(kind: str) -> None:
 
 
 def claim_due(queue: str, size: int) -> list[Message]:
-    """Atomically move up to ``size`` due queued messages to sending, oldest first."""
+    """Atomically move up to ``size`` due queued messages to sending, oldest first.
+
+    On the campaign queue only messages of running campaigns (or none) qualify, and
+    nothing while the reputation guard holds marketing.
+    """
     now = timezone.now()
     token = uuid.uuid4()
+    due = Message.objects.filter(kind__in=QUEUE_KINDS[queue], status=MessageStatus.QUEUED).filter(
+        Q(send_after__isnull=True) | Q(send_after__lte=now)
+    )
+    if queue == Kind.CAMPAIGN:
+        if ReputationPause.objects.filter(active=True).exists():
+            return []
+        due = due.filter(Q(campaign__isnull=True) | Q(campaign__status__in=RUNNING_CAMPAIGN))
     with transaction.atomic():
         ids = list(
-            Message.objects.filter(kind__in=QUEUE_KINDS[queue], status=MessageStatus.QUEUED)
-            .filter(Q(send_after__isnull=True) | Q(send_after__lte=now))
-            .order_by("id")
-            .select_for_update(skip_locked=True)
+            due.order_by("id")
+            .select_for_update(skip_locked=True, of=("self",))
             .values_list("id", flat=True)[:size]
         )
         if not ids:
@@ -124,7 +146,30 @@ def claim_due(queue: str, size: int) -> list[Message]:
             claimed_at=now,
             attempts=F("attempts") + 1,
         )
-    return list(Message.objects.filter(pk__in=ids, claim_token=token).select_related("contact"))
+    return list(
+        Message.objects.filter(pk__in=ids, claim_token=token).select_related(
+            "contact", "campaign", "variant"
+        )
+    )
+
+
+def _stopped_campaigns(messages: list[Message]) -> set[int]:
+    """Campaigns in this batch that are no longer running (paused, cancelled)."""
+    ids = {m.campaign_id for m in messages if m.campaign_id}
+    if not ids:
+        return set()
+    if ReputationPause.objects.filter(active=True).exists():
+        return ids
+    running = Campaign.objects.filter(pk__in=ids, status__in=RUNNING_CAMPAIGN)
+    return ids - set(running.values_list("pk", flat=True))
+
+
+def _release(messages: list[Message]) -> None:
+    """Hand claimed messages back to the queue untouched (their campaign stopped)."""
+    if messages:
+        Message.objects.filter(
+            pk__in=[m.pk for m in messages], status=MessageStatus.SENDING
+        ).update(status=MessageStatus.QUEUED, claim_token=None, attempts=F("attempts") - 1)
 
 
 def drain(kind: str = Kind.TRANSACTIONAL) -> int:
@@ -198,6 +243,7 @@ def message_context(message: Message, links: unsubscribe.Links | None = None) ->
     )
     context.setdefault("unsubscribe_url", "")
     context.setdefault("preferences_url", "")
+    context.setdefault("postal_address", conf.get("POSTAL_ADDRESS"))
     return context
 
 
@@ -236,13 +282,33 @@ def build_email(
             )
     name = (message.contact.name if message.contact else "").replace("\r", " ").replace("\n", " ")
     header_id = message_id_header(message)
+    subject, from_email, reply_to = rendered.subject, conf.from_email(), []
+    campaign, variant = message.campaign, message.variant
+    if variant is not None and variant.subject:
+        subject = rendering.subject_template(variant.subject).render_subject(
+            message_context(message, links)
+        )
+    if campaign is not None or variant is not None:
+        sender_name = (variant.from_name if variant else "") or (
+            campaign.from_name if campaign else ""
+        )
+        sender_email = campaign.from_email if campaign else ""
+        if sender_name or sender_email:
+            from_email = formataddr(
+                (sender_name or conf.get("FROM_NAME") or "", sender_email or conf.from_address())
+            )
+        if campaign is not None and campaign.reply_to:
+            reply_to = [campaign.reply_to]
+    if (message.metadata or {}).get("test"):
+        subject = f"[TEST] {subject}"
     email = PreparedEmail(
-        subject=rendered.subject,
+        subject=subject,
         text=rendered.text,
         html=html,
         message_id=header_id,
-        from_email=conf.from_email(),
+        from_email=from_email,
         to=[formataddr((name, message.to_email)) if name else message.to_email],
+        reply_to=reply_to,
         connection=connection,
         headers=headers,
     )
@@ -363,8 +429,16 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
     link_cache: dict[str, int] = {}
     reserved = 0
     step = chunk_size(kind, len(messages))
+    stopped = _stopped_campaigns(messages)
+    checked = time.monotonic()
+    released: list[Message] = []
     try:
         for message in messages:
+            if message.campaign_id and time.monotonic() - checked > STATE_CHECK_SECONDS:
+                stopped, checked = _stopped_campaigns(messages), time.monotonic()
+            if message.campaign_id in stopped:
+                released.append(message)
+                continue
             if message.to_email in blocked:
                 suppressed.append(message)
                 continue
@@ -395,6 +469,7 @@ def send_batch(messages: list[Message], kind: str) -> BatchResult:
             sent.append((message, provider_id))
     finally:
         sender.close()
+    _release(released)
     _record_sent(sent, now)
     _record_failed(failed)
     _record_suppressed(suppressed)
@@ -459,7 +534,13 @@ def _record_sent(sent: list[tuple[Message, str]], now: datetime) -> None:
     )
     Event.objects.bulk_create(
         [
-            Event(message=m, event_type=Event.Type.SENT, recipient=m.to_email, timestamp=now)
+            Event(
+                message=m,
+                campaign_id=m.campaign_id,
+                event_type=Event.Type.SENT,
+                recipient=m.to_email,
+                timestamp=now,
+            )
             for m, _ in sent
         ]
     )
@@ -594,7 +675,9 @@ def recover_stuck() -> dict[str, int]:
         )
     if counts["requeued"] or counts["failed"]:
         logger.error("mailer: recovered stuck messages: %s", counts)
-    lost = Message.objects.lost_in_queue(float(conf.get("QUEUED_LEASE")), now)
+    lost = Message.objects.lost_in_queue(float(conf.get("QUEUED_LEASE")), now).filter(
+        Q(campaign__isnull=True) | Q(campaign__status__in=RUNNING_CAMPAIGN)
+    )
     for queue, kinds in QUEUE_KINDS.items():
         if counts["requeued"] or lost.filter(kind__in=kinds).exists():
             counts["kicked"] += int(kick(queue))

@@ -15,20 +15,29 @@ class TemplateNotFound(MailerError, LookupError):
     """No database or file template has that slug in any fallback language."""
 
 
-class TemplateError(MailerError, ValidationError):
-    """A template does not parse, uses an unknown variable or breaks the sandbox.
-
-    It is a ValidationError too, so admin forms show it on the field.
-    """
+class FieldError(MailerError, ValidationError):
+    """Bad input tied to a form field; a ValidationError too, so admin forms show it."""
 
     def __init__(self, message: str, *, field: str | None = None):
         MailerError.__init__(self, message)
         ValidationError.__init__(self, {field: [message]} if field else message)
+        self.args = (message,)
         self.field = field
-        self.args = (message,)  # ValidationError stored (dict, code, params): str() broke
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
+
+
+class TemplateError(FieldError):
+    """A template does not parse, uses an unknown variable or breaks the sandbox."""
+
+
+class SegmentError(FieldError):
+    """A segment rule that cannot be evaluated: unknown field, wrong operator, bad value."""
+
+
+class CampaignError(FieldError):
+    """A campaign that cannot make this move: not ready, wrong status, in the past."""
 
 
 class HeaderInjection(MailerError, ValueError):

@@ -17,6 +17,18 @@ class Kind(models.TextChoices):
     DRIP = "drip", "Drip"
 
 
+class Tag(models.Model):
+    """A label on contacts, for segments."""
+
+    name = models.SlugField(max_length=100, unique=True)
+
+    class Meta:
+        ordering = ("name",)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Contact(models.Model):
     """One person we may email; registration creates or links one."""
 
@@ -30,6 +42,7 @@ class Contact(models.Model):
     language = models.CharField(max_length=10, blank=True)
     timezone = models.CharField(max_length=64, blank=True)
     attributes = models.JSONField(default=dict, blank=True)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="contacts")
     user = models.OneToOneField(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -119,6 +132,253 @@ class Template(models.Model):
         return {v for v in self.variables.replace(",", " ").split() if v}
 
 
+class Segment(models.Model):
+    """A saved rule set over contacts, evaluated as one SQL query (mailer.segments)."""
+
+    class Match(models.TextChoices):
+        ALL = "all", "All rules match"
+        ANY = "any", "Any rule matches"
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    match = models.CharField(max_length=3, choices=Match.choices, default=Match.ALL)
+    include_segments = models.ManyToManyField(
+        "self",
+        symmetrical=False,
+        blank=True,
+        related_name="+",
+        help_text="Contacts must also be in all of these segments.",
+    )
+    exclude_segments = models.ManyToManyField(
+        "self",
+        symmetrical=False,
+        blank=True,
+        related_name="+",
+        help_text="Contacts in any of these segments are left out.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("name",)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SegmentRule(models.Model):
+    """One condition of a segment: field, operator, value — no code needed."""
+
+    class Field(models.TextChoices):
+        EMAIL = "email", "Email"
+        NAME = "name", "Name"
+        LANGUAGE = "language", "Language"
+        TIMEZONE = "timezone", "Time zone"
+        CONSENT = "consent", "Marketing consent"
+        VERIFIED = "verified", "Email verified"
+        SIGNUP = "signup", "Signup date"
+        TAG = "tag", "Tag"
+        ATTRIBUTE = "attribute", "Attribute"
+        OPENED_WITHIN = "opened_within", "Opened a campaign in the last N days"
+        CLICKED_WITHIN = "clicked_within", "Clicked a campaign in the last N days"
+        NEVER_OPENED = "never_opened", "Never opened a campaign"
+
+    class Operator(models.TextChoices):
+        EQUALS = "eq", "is"
+        NOT_EQUALS = "ne", "is not"
+        CONTAINS = "contains", "contains"
+        NOT_CONTAINS = "not_contains", "does not contain"
+        STARTS_WITH = "startswith", "starts with"
+        ENDS_WITH = "endswith", "ends with"
+        IN = "in", "is one of (comma-separated)"
+        NOT_IN = "not_in", "is none of (comma-separated)"
+        IS_SET = "set", "is set"
+        IS_NOT_SET = "not_set", "is not set"
+        GREATER = "gt", "greater than"
+        LESS = "lt", "less than"
+        BEFORE = "before", "before (date)"
+        AFTER = "after", "after (date)"
+        WITHIN_DAYS = "within_days", "within the last N days"
+        OLDER_THAN_DAYS = "older_than_days", "more than N days ago"
+        TRUE = "true", "is true"
+        FALSE = "false", "is false"
+
+    segment = models.ForeignKey(Segment, on_delete=models.CASCADE, related_name="rules")
+    field = models.CharField(max_length=20, choices=Field.choices)
+    attribute = models.CharField(
+        max_length=100, blank=True, help_text="Attribute key, for the Attribute field."
+    )
+    operator = models.CharField(max_length=20, choices=Operator.choices)
+    value = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ("id",)
+
+    def __str__(self) -> str:
+        subject = (
+            f"attribute {self.attribute}" if self.field == self.Field.ATTRIBUTE else self.field
+        )
+        return f"{subject} {self.get_operator_display()} {self.value}".strip()
+
+    def clean(self) -> None:
+        from .segments import validate_rule
+
+        validate_rule(self)
+
+
+class CampaignStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    SCHEDULED = "scheduled", "Scheduled"
+    TESTING = "testing", "A/B testing"
+    WAITING = "waiting", "Waiting for winner"
+    SENDING = "sending", "Sending"
+    SENT = "sent", "Sent"
+    PAUSED = "paused", "Paused"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class CampaignQuerySet(models.QuerySet):
+    def due(self, now: datetime | None = None) -> CampaignQuerySet:
+        return self.filter(status=CampaignStatus.SCHEDULED, send_at__lte=now or timezone.now())
+
+    def running(self) -> CampaignQuerySet:
+        return self.filter(status__in=(CampaignStatus.SENDING, CampaignStatus.TESTING))
+
+    def test_window_over(self, now: datetime | None = None) -> CampaignQuerySet:
+        return self.filter(
+            status__in=(CampaignStatus.TESTING, CampaignStatus.WAITING),
+            test_ends_at__lte=now or timezone.now(),
+        )
+
+
+class Campaign(models.Model):
+    """What to send, to which segments, when; optionally as an A/B test."""
+
+    Status = CampaignStatus
+
+    class Metric(models.TextChoices):
+        UNIQUE_CLICK_RATE = "click_rate", "Unique click rate"
+        UNIQUE_OPEN_RATE = "open_rate", "Unique open rate"
+        CLICK_TO_OPEN = "click_to_open", "Click-to-open rate"
+
+    class TieRule(models.TextChoices):
+        VARIANT_A = "variant_a", "Send variant A"
+        EXTEND_ONCE = "extend_once", "Extend the test window once, then variant A"
+
+    name = models.CharField(max_length=200)
+    template = models.ForeignKey(
+        Template,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="campaigns",
+        limit_choices_to={"purpose": "marketing"},
+    )
+    segments = models.ManyToManyField(Segment, blank=True, related_name="campaigns")
+    exclude_segments = models.ManyToManyField(Segment, blank=True, related_name="+")
+    from_name = models.CharField(max_length=200, blank=True)
+    from_email = models.EmailField(blank=True)
+    reply_to = models.EmailField(blank=True)
+    send_at = models.DateTimeField(
+        null=True, blank=True, help_text="When to send; empty means when you press Send now."
+    )
+    status = models.CharField(
+        max_length=20, choices=CampaignStatus.choices, default=CampaignStatus.DRAFT, db_index=True
+    )
+    test_share = models.PositiveSmallIntegerField(
+        default=0, help_text="Percent of recipients in the A/B test (0: no test)."
+    )
+    winner_metric = models.CharField(
+        max_length=20, choices=Metric.choices, default=Metric.UNIQUE_CLICK_RATE
+    )
+    test_window = models.DurationField(default=timedelta(hours=4))
+    tie_rule = models.CharField(max_length=20, choices=TieRule.choices, default=TieRule.VARIANT_A)
+    test_ends_at = models.DateTimeField(null=True, blank=True)
+    test_extended = models.BooleanField(default=False)
+    winner = models.ForeignKey(
+        "Variant", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    winner_reason = models.JSONField(default=dict, blank=True)
+    paused_reason = models.TextField(blank=True)
+    recipients = models.PositiveIntegerField(default=0, editable=False)
+    launched_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = CampaignQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("-created_at",)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Variant(models.Model):
+    """One arm of an A/B test: differs in subject, sender name, or template."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="variants")
+    label = models.CharField(max_length=1, help_text="A to E.")
+    subject = models.CharField(max_length=500, blank=True, help_text="Empty: the template's.")
+    from_name = models.CharField(max_length=200, blank=True)
+    template = models.ForeignKey(
+        Template,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        limit_choices_to={"purpose": "marketing"},
+    )
+
+    class Meta:
+        ordering = ("label",)
+        constraints = [
+            models.UniqueConstraint(fields=("campaign", "label"), name="mailer_variant_label")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.campaign} · {self.label}"
+
+
+class CampaignTransition(models.Model):
+    """The campaign's status history: who moved it where, when, and why."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="transitions")
+    from_status = models.CharField(max_length=20, choices=CampaignStatus.choices)
+    to_status = models.CharField(max_length=20, choices=CampaignStatus.choices)
+    at = models.DateTimeField(default=timezone.now)
+    by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ("at", "id")
+
+    def __str__(self) -> str:
+        return f"{self.from_status} → {self.to_status}"
+
+
+class ReputationPause(models.Model):
+    """Marketing stopped by the reputation guard; lifted only by a person."""
+
+    reason = models.TextField()
+    rates = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+    active = models.BooleanField(default=True, db_index=True)
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ("-created_at",)
+
+    def __str__(self) -> str:
+        return self.reason[:80]
+
+
 class MessageStatus(models.TextChoices):
     SCHEDULED = "scheduled", "Scheduled"
     QUEUED = "queued", "Queued"
@@ -172,6 +432,12 @@ class Message(models.Model):
     template = models.ForeignKey(
         Template, null=True, blank=True, on_delete=models.SET_NULL, related_name="messages"
     )
+    campaign = models.ForeignKey(
+        Campaign, null=True, blank=True, on_delete=models.CASCADE, related_name="messages"
+    )
+    variant = models.ForeignKey(
+        Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="messages"
+    )
     template_slug = models.SlugField(max_length=100)
     language = models.CharField(max_length=10, blank=True)
     context = models.JSONField(default=dict, blank=True)
@@ -193,7 +459,15 @@ class Message(models.Model):
 
     class Meta:
         ordering = ("-created_at",)
+        constraints = [
+            models.UniqueConstraint(
+                fields=("campaign", "contact"),
+                condition=Q(campaign__isnull=False),
+                name="mailer_msg_one_per_campaign_contact",
+            )
+        ]
         indexes = [
+            models.Index(fields=("campaign", "status"), name="mailer_msg_campaign_status"),
             models.Index(fields=("status", "send_after"), name="mailer_msg_status_due"),
             models.Index(fields=("status", "claimed_at"), name="mailer_msg_status_claim"),
             models.Index(fields=("to_email",), name="mailer_msg_to"),
@@ -252,6 +526,10 @@ class Event(models.Model):
     description = models.TextField(blank=True)
     bounce = models.CharField(max_length=4, choices=Bounce.choices, blank=True, default="")
     link = models.ForeignKey(Link, null=True, blank=True, on_delete=models.SET_NULL)
+    # Copied from the message so campaign reports aggregate without a join.
+    campaign = models.ForeignKey(
+        Campaign, null=True, blank=True, on_delete=models.CASCADE, related_name="events"
+    )
     automated = models.BooleanField(
         default=False, help_text="Looks like a scanner or proxy, not a person; left out of rates."
     )
@@ -263,6 +541,7 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=("event_type", "timestamp"), name="mailer_event_type_ts"),
             models.Index(fields=("recipient", "timestamp"), name="mailer_event_rcpt_ts"),
+            models.Index(fields=("campaign", "event_type"), name="mailer_event_campaign_type"),
         ]
 
     def __str__(self) -> str:

@@ -38,6 +38,7 @@ STANDARD_CONTEXT = frozenset(
         "language",
         "unsubscribe_url",
         "preferences_url",
+        "postal_address",
     }
 )
 
@@ -208,6 +209,19 @@ def compiled(source: Source) -> Compiled:
     return built
 
 
+def subject_template(source: str) -> Compiled:
+    """A subject-only template (A/B variants override the subject), cached by its text."""
+    key = ("subject", source)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is None:
+        hit = Compiled.__new__(Compiled)
+        hit.subject = _compile(_text_env, source, "subject")
+        with _cache_lock:
+            _cache[key] = hit
+    return hit
+
+
 def language_candidates(*languages: str | None) -> list[str]:
     """Requested, then contact's, then default language; 'fr-ca' also tries 'fr'."""
     out: list[str] = []
@@ -329,6 +343,23 @@ def validate_template(template: Any) -> None:
             )
         _refuse_private_access(ast, field)
         _sample_render(env, source, allowed, field)
+        if field == "html" and getattr(template, "purpose", "") == "marketing":
+            _require_marketing_footer(ast)
+
+
+def _require_marketing_footer(ast: nodes.Template) -> None:
+    """CAN-SPAM and RFC 8058: every marketing email has a way out and a postal address."""
+    used = {node.name for node in ast.find_all(nodes.Name)}
+    if not used & {"unsubscribe_url", "preferences_url"}:
+        raise TemplateError(
+            "html: a marketing template must link to {{ unsubscribe_url }} "
+            "(or {{ preferences_url }}).",
+            field="html",
+        )
+    if "postal_address" not in used:
+        raise TemplateError(
+            "html: a marketing template must show {{ postal_address }} (CAN-SPAM).", field="html"
+        )
 
 
 def _refuse_private_access(ast: nodes.Template, field: str) -> None:
@@ -360,6 +391,7 @@ def sample_context(names: set[str]) -> dict[str, Any]:
         language="en",
         unsubscribe_url=f"{conf.get('SITE_URL')}/mailer/unsubscribe/sample/",
         preferences_url=f"{conf.get('SITE_URL')}/mailer/preferences/sample/",
+        postal_address=conf.get("POSTAL_ADDRESS") or "1 Sample Street, Springfield",
         user_name="Ada",
         expires_hours=72,
     )

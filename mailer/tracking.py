@@ -52,7 +52,7 @@ RANK = {
     MessageStatus.COMPLAINED: 12,
 }
 
-# Soft (temporary) bounces in events anymail calls "bounced".
+# Soft (temporary) Postmark bounce types (anymail calls Transient and DnsError "deferred").
 _POSTMARK_SOFT = {"SoftBounce", "Transient", "DnsError", "MailFrontier", "ChallengeVerification"}
 _SOFT_MARKERS = re.compile(r"soft|transient|temporar", re.I)
 
@@ -86,7 +86,11 @@ def find_message(event) -> Message | None:
     ours = (event.metadata or {}).get("mailer_message_id")
     if ours:
         try:
-            found = Message.objects.filter(uuid=uuid.UUID(str(ours))).only("id", "to_email").first()
+            found = (
+                Message.objects.filter(uuid=uuid.UUID(str(ours)))
+                .only("id", "to_email", "campaign_id")
+                .first()
+            )
         except ValueError:
             found = None
         if found is not None:
@@ -94,7 +98,7 @@ def find_message(event) -> Message | None:
     if event.message_id:
         return (
             Message.objects.filter(provider_message_id=str(event.message_id))
-            .only("id", "to_email")
+            .only("id", "to_email", "campaign_id")
             .first()
         )
     return None
@@ -106,8 +110,12 @@ def bounce_kind(esp: str, event) -> str:
     anymail calls most bounces "bounced"; whether one is temporary is ESP-specific.
     """
     if event.event_type == Event.Type.DEFERRED:
-        # Mailgun reports a temporary *failure* this way; elsewhere it is only a delay.
-        return Event.Bounce.SOFT if esp == "mailgun" else Event.Bounce.NONE
+        # Mailgun reports a temporary *failure* this way, and so does Postmark for its
+        # Transient and DnsError bounce records; elsewhere it is only a delay.
+        raw = event.esp_event if isinstance(event.esp_event, dict) else {}
+        postmark_bounce = esp == "postmark" and raw.get("RecordType") == "Bounce"
+        soft = esp == "mailgun" or (postmark_bounce and raw.get("Type") in _POSTMARK_SOFT)
+        return Event.Bounce.SOFT if soft else Event.Bounce.NONE
     if event.event_type != Event.Type.BOUNCED:
         return Event.Bounce.NONE
     raw = event.esp_event if isinstance(event.esp_event, dict) else {}
@@ -145,6 +153,8 @@ def record(event, esp: str) -> Event | None:
         with transaction.atomic():
             stored = Event.objects.create(
                 message=message,
+                campaign_id=message.campaign_id if message else None,
+                link_id=link_id(event.click_url) if event.click_url else None,
                 event_type=event.event_type
                 if event.event_type in Event.Type.values
                 else Event.Type.UNKNOWN,
@@ -188,14 +198,32 @@ def apply_policy(event: Event, *, reject_reason: str | None = None) -> Suppressi
         reason, scope = Suppression.Reason.UNSUBSCRIBE, Suppression.Scope.MARKETING
     if reason is None:
         return None
+    note = event.description[:500]
     try:
-        suppression, _ = suppress(
-            address, scope=scope, reason=reason, source=source, note=event.description[:500]
+        suppression, created = suppress(
+            address, scope=scope, reason=reason, source=source, note=note
         )
     except MailerError as exc:
         logger.warning("mailer: event %s has an unusable recipient: %s", event.pk, exc)
         return None
+    old = _REASON_STRENGTH.get(suppression.reason)
+    if not created and old is not None and _REASON_STRENGTH[reason] > old:
+        # The stronger reason wins whichever event came first (manual ones stay).
+        Suppression.objects.filter(pk=suppression.pk, reason=suppression.reason).update(
+            reason=reason, source=source[:100], note=note
+        )
+        suppression.reason, suppression.source, suppression.note = reason, source[:100], note
     return suppression
+
+
+#: Within one scope, which webhook reason replaces which, so arrival order does not matter.
+_REASON_STRENGTH = {
+    Suppression.Reason.SOFT_BOUNCE: 1,
+    Suppression.Reason.INVALID: 2,
+    Suppression.Reason.HARD_BOUNCE: 3,
+    Suppression.Reason.UNSUBSCRIBE: 1,
+    Suppression.Reason.COMPLAINT: 2,
+}
 
 
 # --- Own tracking (SMTP set-ups) -------------------------------------------------------------
@@ -340,6 +368,7 @@ def record_own(hit: Hit, *, event_type: str, method: str, user_agent: str) -> Ev
     )
     event = Event.objects.create(
         message=hit.message,
+        campaign_id=hit.message.campaign_id,
         event_type=event_type,
         recipient=hit.message.to_email,
         timestamp=now,

@@ -101,12 +101,13 @@ def unsubscribe(target: Target, *, source: str) -> bool:
         )
         if created:
             message = (
-                Message.objects.filter(uuid=target.message_uuid).only("id").first()
+                Message.objects.filter(uuid=target.message_uuid).only("id", "campaign_id").first()
                 if target.message_uuid
                 else None
             )
             Event.objects.create(
                 message=message,
+                campaign_id=message.campaign_id if message else None,
                 event_type=Event.Type.UNSUBSCRIBED,
                 recipient=target.email,
                 data={"source": source},

@@ -128,7 +128,7 @@ def template_form(**values) -> dict:
     return {
         "slug": "promo",
         "language": "en",
-        "purpose": Template.Purpose.MARKETING,
+        "purpose": Template.Purpose.TRANSACTIONAL,
         "description": "",
         "subject": "Hi {{ contact.first_name }}",
         "html": "<p>Hello</p>",
@@ -204,3 +204,27 @@ def test_suppression_added_in_admin_records_who_added_it(admin_client, admin_use
     suppression = Suppression.objects.get()
     assert suppression.email == "spam.trap@example.com"
     assert suppression.source == f"admin:{admin_user.get_username()}"
+
+
+def test_marketing_template_without_unsubscribe_link_or_address_is_refused(admin_client):
+    for html, missing in (
+        ("<p>Hello {{ postal_address }}</p>", b"unsubscribe_url"),
+        ('<p><a href="{{ unsubscribe_url }}">Leave</a></p>', b"postal_address"),
+    ):
+        response = admin_client.post(
+            reverse("admin:mailer_template_add"),
+            template_form(purpose=Template.Purpose.MARKETING, html=html),
+        )
+        assert response.status_code == 200
+        assert missing in response.content
+    assert not Template.objects.exists()
+
+
+def test_marketing_template_with_footer_saves(admin_client):
+    html = '<p>News</p><p><a href="{{ unsubscribe_url }}">Unsubscribe</a> {{ postal_address }}</p>'
+    response = admin_client.post(
+        reverse("admin:mailer_template_add"),
+        template_form(purpose=Template.Purpose.MARKETING, html=html),
+    )
+    assert response.status_code == 302
+    assert Template.objects.get(slug="promo").purpose == Template.Purpose.MARKETING

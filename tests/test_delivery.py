@@ -355,7 +355,7 @@ def test_anymail_api_error_is_retried(broker, settings, monkeypatch):
     settings.EMAIL_BACKEND = "anymail.backends.test.EmailBackend"
     original = delivery.build_email
 
-    def failing(message, compiled, connection=None):
+    def failing(message, compiled, connection=None, link_cache=None):
         email = original(message, compiled, connection)
         email.anymail_test_response = esp_error(503)
         return email

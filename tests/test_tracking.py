@@ -21,7 +21,7 @@ HTML = """<html><body><p>Hi {{ contact.first_name }}</p>
 <p><a href="https://example.com/one?a=1&amp;b=2">One</a>
 <a href='https://example.com/two'>Two</a>
 <a href="mailto:help@example.com">Mail us</a></p>
-<p><a href="{{ unsubscribe_url }}">Unsubscribe</a> Example Inc., 1 Main St</p></body></html>"""
+<p><a href="{{ unsubscribe_url }}">Unsubscribe</a> {{ postal_address }}</p></body></html>"""
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.django_db
 NEWSLETTER = """<html><body><h1>News for {{ contact.first_name }}</h1>
 <p><a href="https://example.com/article">Read</a></p>
 <p><a href="{{ unsubscribe_url }}">Unsubscribe</a> · <a href="{{ preferences_url }}">Preferences</a>
-· Example Inc., 1 Main Street, Springfield</p></body></html>"""
+· {{ postal_address }}</p></body></html>"""
 
 
 @pytest.fixture

@@ -2,20 +2,56 @@
 
 from __future__ import annotations
 
+import csv
 import io
 
 from django import forms
 from django.contrib import admin, messages
-from django.http import HttpResponse
-from django.shortcuts import redirect, render
+from django.http import HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from . import delivery, rendering, suppressions
+from . import campaigns, contacts, delivery, rendering, segments, suppressions
 from .exceptions import ImportFileError, MailerError
-from .models import Contact, Event, Link, Message, Suppression, Template
+from .models import (
+    Campaign,
+    CampaignTransition,
+    Contact,
+    Event,
+    Link,
+    Message,
+    ReputationPause,
+    Segment,
+    SegmentRule,
+    Suppression,
+    Tag,
+    Template,
+    Variant,
+)
+
+
+class _Echo:
+    """A file-like sink for csv.writer that hands each row back (streaming CSV)."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def stream_csv(rows, filename: str) -> StreamingHttpResponse:
+    writer = csv.writer(_Echo())
+    response = StreamingHttpResponse(
+        (writer.writerow(row) for row in rows), content_type="text/csv; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+class CSVImportForm(forms.Form):
+    file = forms.FileField()
 
 
 def _iframe(html: str, height: int = 480) -> str:
@@ -197,10 +233,463 @@ class TemplateAdmin(admin.ModelAdmin):
 @admin.register(Contact)
 class ContactAdmin(admin.ModelAdmin):
     list_display = ("email", "name", "language", "consent", "verified_at", "created_at")
-    list_filter = ("consent", "language")
+    list_filter = ("consent", "language", "tags")
     search_fields = ("email", "name")
     raw_id_fields = ("user",)
+    filter_horizontal = ("tags",)
     readonly_fields = ("created_at", "updated_at")
+    show_full_result_count = False
+    actions = ("export_selected",)
+    change_list_template = "admin/mailer/contact/change_list.html"
+
+    def get_urls(self):
+        return [
+            path(
+                "import/",
+                self.admin_site.admin_view(self.import_view),
+                name="mailer_contact_import",
+            ),
+            path(
+                "export/",
+                self.admin_site.admin_view(self.export_view),
+                name="mailer_contact_export",
+            ),
+        ] + super().get_urls()
+
+    @admin.action(description="Export selected contacts as CSV")
+    def export_selected(self, request, queryset):
+        return stream_csv(contacts.export_rows(queryset), "contacts.csv")
+
+    def export_view(self, request):
+        if not self.has_view_permission(request):
+            return HttpResponse(status=403)
+        stamp = timezone.now().strftime("%Y%m%d-%H%M")
+        return stream_csv(contacts.export_rows(Contact.objects.all()), f"contacts-{stamp}.csv")
+
+    def import_view(self, request):
+        if not self.has_add_permission(request):
+            return HttpResponse(status=403)
+        form = CSVImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            upload = form.cleaned_data["file"]
+            try:
+                report = contacts.import_csv(
+                    upload.file,
+                    source=f"admin import of {upload.name} by {request.user.get_username()}",
+                )
+            except ImportFileError as exc:
+                form.add_error("file", f"Nothing was imported: {exc}")
+            else:
+                self.message_user(
+                    request,
+                    f"{report.rows} rows: {report.created} contacts created, "
+                    f"{report.updated} updated, {report.duplicates} duplicates merged, "
+                    f"{len(report.rejected)} rejected.",
+                    messages.WARNING if report.rejected else messages.SUCCESS,
+                )
+                for line, reason in report.rejected[:50]:
+                    self.message_user(request, f"Row {line}: {reason}", messages.WARNING)
+                if len(report.rejected) > 50:
+                    self.message_user(
+                        request,
+                        f"… and {len(report.rejected) - 50} more rejected rows.",
+                        messages.WARNING,
+                    )
+                return redirect(reverse("admin:mailer_contact_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Import contacts",
+            "form": form,
+            "opts": self.model._meta,
+            "help": "CSV with a header row: email (required), name, language, timezone, tags "
+            "(;-separated), consent (granted/withdrawn/yes/no), consent_source. Any other column "
+            "becomes an attribute. Existing contacts are updated; the same address in any case "
+            "is one contact.",
+        }
+        return render(request, "admin/mailer/import.html", context)
+
+
+@admin.register(Tag)
+class TagAdmin(admin.ModelAdmin):
+    search_fields = ("name",)
+
+
+class SegmentRuleInline(admin.TabularInline):
+    model = SegmentRule
+    extra = 1
+    fields = ("field", "attribute", "operator", "value")
+
+
+@admin.register(Segment)
+class SegmentAdmin(admin.ModelAdmin):
+    list_display = ("name", "match", "updated_at")
+    search_fields = ("name", "description")
+    filter_horizontal = ("include_segments", "exclude_segments")
+    inlines = (SegmentRuleInline,)
+    readonly_fields = ("live_count",)
+    fields = ("name", "description", "match", "include_segments", "exclude_segments", "live_count")
+
+    @admin.display(description="Contacts now")
+    def live_count(self, obj: Segment) -> str:
+        if not obj.pk:
+            return "Save to see how many contacts match."
+        try:
+            return f"{segments.count(obj):,}"
+        except MailerError as exc:
+            return f"Cannot evaluate: {exc}"
+
+
+class VariantInline(admin.TabularInline):
+    model = Variant
+    extra = 0
+    max_num = 5
+    fields = ("label", "subject", "from_name", "template")
+
+
+class TransitionInline(admin.TabularInline):
+    model = CampaignTransition
+    extra = 0
+    can_delete = False
+    fields = ("at", "from_status", "to_status", "by", "note")
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class CampaignForm(forms.ModelForm):
+    class Meta:
+        model = Campaign
+        fields = (
+            "name",
+            "template",
+            "segments",
+            "exclude_segments",
+            "from_name",
+            "from_email",
+            "reply_to",
+            "send_at",
+            "test_share",
+            "winner_metric",
+            "test_window",
+            "tie_rule",
+        )
+
+    def clean_send_at(self):
+        send_at = self.cleaned_data.get("send_at")
+        if send_at and send_at <= timezone.now() and self.instance.status in ("draft", "scheduled"):
+            raise forms.ValidationError("The send time is in the past.")
+        return send_at
+
+
+EDITABLE = ("draft", "scheduled", "paused")
+ACTIONS = {
+    "send_test": "Send a test to me",
+    "schedule": "Schedule",
+    "send_now": "Send now",
+    "unschedule": "Back to draft",
+    "pause": "Pause",
+    "resume": "Resume",
+    "cancel": "Cancel",
+    "duplicate": "Duplicate",
+}
+
+
+@admin.register(Campaign)
+class CampaignAdmin(admin.ModelAdmin):
+    form = CampaignForm
+    list_display = ("name", "status", "send_at", "recipients", "launched_at", "finished_at")
+    list_filter = ("status",)
+    search_fields = ("name",)
+    filter_horizontal = ("segments", "exclude_segments")
+    inlines = (VariantInline, TransitionInline)
+    readonly_fields = (
+        "status",
+        "recipients",
+        "launched_at",
+        "finished_at",
+        "test_ends_at",
+        "winner",
+        "paused_reason",
+        "report",
+    )
+    fieldsets = (
+        (None, {"fields": ("name", "status", "template", "segments", "exclude_segments")}),
+        ("Sender", {"fields": ("from_name", "from_email", "reply_to")}),
+        ("When", {"fields": ("send_at",)}),
+        (
+            "A/B test",
+            {
+                "fields": (
+                    "test_share",
+                    "winner_metric",
+                    "test_window",
+                    "tie_rule",
+                    "test_ends_at",
+                    "winner",
+                )
+            },
+        ),
+        (
+            "Report",
+            {"fields": ("report", "recipients", "launched_at", "finished_at", "paused_reason")},
+        ),
+    )
+    actions = (
+        "send_test_action",
+        "send_now_action",
+        "pause_action",
+        "resume_action",
+        "cancel_action",
+        "duplicate_action",
+    )
+    change_form_template = "admin/mailer/campaign/change_form.html"
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and obj.status not in EDITABLE:
+            fields += [
+                "name",
+                "template",
+                "segments",
+                "exclude_segments",
+                "from_name",
+                "from_email",
+                "reply_to",
+                "send_at",
+                "test_share",
+                "winner_metric",
+                "test_window",
+                "tie_rule",
+            ]
+        return fields
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/do/<str:action>/",
+                self.admin_site.admin_view(self.do_view),
+                name="mailer_campaign_do",
+            ),
+            path(
+                "<int:pk>/winner/<int:variant>/",
+                self.admin_site.admin_view(self.winner_view),
+                name="mailer_campaign_winner",
+            ),
+            path(
+                "<int:pk>/report.csv",
+                self.admin_site.admin_view(self.report_csv_view),
+                name="mailer_campaign_report_csv",
+            ),
+        ] + super().get_urls()
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = {**(extra_context or {}), "campaign_actions": ACTIONS}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.display(description="Report")
+    def report(self, obj: Campaign) -> str:
+        if not obj.pk:
+            return "—"
+        figures = campaigns.report(obj)
+        return render_to_string(
+            "admin/mailer/campaign/report.html",
+            {"campaign": obj, "r": figures, "chart": chart(figures["timeline"])},
+        )
+
+    def _run(self, request, campaign: Campaign, action: str) -> None:
+        user = request.user
+        if action == "send_test":
+            if not user.email:
+                raise MailerError("Your admin account has no email address to send the test to.")
+            sent = campaigns.send_test(campaign, user.email, by=user)
+            self.message_user(request, f"{len(sent)} test email(s) on their way to {user.email}.")
+        elif action == "schedule":
+            if campaign.send_at is None:
+                raise MailerError("Set a send time first (or use Send now).")
+            campaigns.schedule(campaign, campaign.send_at, by=user)
+            self.message_user(
+                request, f"“{campaign}” scheduled for {campaign.send_at:%Y-%m-%d %H:%M %Z}."
+            )
+        elif action == "send_now":
+            campaigns.send_now(campaign, by=user)
+            self.message_user(request, f"“{campaign}” is being sent.")
+        elif action == "unschedule":
+            campaigns.unschedule(campaign, by=user)
+            self.message_user(request, f"“{campaign}” is a draft again.")
+        elif action == "pause":
+            campaigns.pause(campaign, by=user, reason=f"paused by {user.get_username()}")
+            self.message_user(request, f"“{campaign}” paused; workers stop within seconds.")
+        elif action == "resume":
+            campaigns.resume(campaign, by=user)
+            self.message_user(request, f"“{campaign}” resumed.")
+        elif action == "cancel":
+            count = campaigns.cancel(campaign, by=user)
+            self.message_user(
+                request, f"“{campaign}” cancelled; {count} unsent messages cancelled."
+            )
+        elif action == "duplicate":
+            copy = campaigns.duplicate(campaign, by=user)
+            self.message_user(
+                request,
+                format_html(
+                    'Duplicated as <a href="{}">{}</a>.',
+                    reverse("admin:mailer_campaign_change", args=[copy.pk]),
+                    copy,
+                ),
+            )
+        else:
+            raise MailerError(f"Unknown action {action!r}.")
+
+    def do_view(self, request, pk: int, action: str):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        campaign = get_object_or_404(Campaign, pk=pk)
+        if not self.has_change_permission(request, campaign):
+            return HttpResponse(status=403)
+        try:
+            self._run(request, campaign, action)
+        except MailerError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        return redirect(reverse("admin:mailer_campaign_change", args=[pk]))
+
+    def winner_view(self, request, pk: int, variant: int):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        campaign = get_object_or_404(Campaign, pk=pk)
+        if not self.has_change_permission(request, campaign):
+            return HttpResponse(status=403)
+        try:
+            chosen = campaigns.choose_winner(
+                campaign, get_object_or_404(Variant, pk=variant), by=request.user
+            )
+        except MailerError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        else:
+            self.message_user(request, f"Variant {chosen.label} wins; sending it to the rest.")
+        return redirect(reverse("admin:mailer_campaign_change", args=[pk]))
+
+    def report_csv_view(self, request, pk: int):
+        campaign = get_object_or_404(Campaign, pk=pk)
+        if not self.has_view_permission(request, campaign):
+            return HttpResponse(status=403)
+        return stream_csv(
+            report_rows(campaign, campaigns.report(campaign)), f"campaign-{pk}-report.csv"
+        )
+
+    def _bulk(self, request, queryset, action: str) -> None:
+        for campaign in queryset:
+            try:
+                self._run(request, campaign, action)
+            except MailerError as exc:
+                self.message_user(request, f"“{campaign}”: {exc}", messages.ERROR)
+
+    @admin.action(description="Send a test of selected campaigns to me")
+    def send_test_action(self, request, queryset):
+        self._bulk(request, queryset, "send_test")
+
+    @admin.action(description="Send selected campaigns now")
+    def send_now_action(self, request, queryset):
+        self._bulk(request, queryset, "send_now")
+
+    @admin.action(description="Pause selected campaigns")
+    def pause_action(self, request, queryset):
+        self._bulk(request, queryset, "pause")
+
+    @admin.action(description="Resume selected campaigns")
+    def resume_action(self, request, queryset):
+        self._bulk(request, queryset, "resume")
+
+    @admin.action(description="Cancel selected campaigns")
+    def cancel_action(self, request, queryset):
+        self._bulk(request, queryset, "cancel")
+
+    @admin.action(description="Duplicate selected campaigns")
+    def duplicate_action(self, request, queryset):
+        self._bulk(request, queryset, "duplicate")
+
+
+def report_rows(campaign: Campaign, r: dict):
+    """The report as CSV rows, every text cell formula-safe."""
+    safe = suppressions.csv_safe
+    yield ["campaign", safe(campaign.name)]
+    yield ["status", campaign.status]
+    yield []
+    yield ["figure", "count", "rate %"]
+    for key in (
+        "recipients",
+        "sent",
+        "delivered",
+        "opened",
+        "clicked",
+        "bounced",
+        "complained",
+        "unsubscribed",
+        "failed",
+        "suppressed",
+        "cancelled",
+        "pending",
+    ):
+        yield [key, r[key], r["rates"].get(key, "")]
+    if r["variants"]:
+        yield []
+        yield [
+            "variant",
+            "subject",
+            "sent",
+            "opened",
+            "clicked",
+            "open rate %",
+            "click rate %",
+            "winner",
+        ]
+        for v in r["variants"]:
+            yield [
+                v["label"],
+                safe(v["subject"]),
+                v["sent"],
+                v["opened"],
+                v["clicked"],
+                v["open_rate"],
+                v["click_rate"],
+                "yes" if v["winner"] else "",
+            ]
+    yield []
+    yield ["hour", "opens", "clicks"]
+    for point in r["timeline"]:
+        yield [point["hour"].isoformat(), point["opens"], point["clicks"]]
+    yield []
+    yield ["link", "unique clicks"]
+    for link in r["top_links"]:
+        yield [safe(link["link__url"]), link["clicks"]]
+
+
+def chart(timeline: list[dict], width: int = 640, height: int = 180) -> dict:
+    """Bar geometry for an inline SVG of opens and clicks per hour (no scripts, no CDN)."""
+    if not timeline:
+        return {"bars": [], "width": width, "height": height, "max": 0, "labels": []}
+    top = max(max(p["opens"], p["clicks"]) for p in timeline) or 1
+    slot = width / len(timeline)
+    bar = max(1.0, slot / 2 - 1)
+    bars, labels = [], []
+    plot = height - 20
+    for i, point in enumerate(timeline):
+        for j, key in enumerate(("opens", "clicks")):
+            h = plot * point[key] / top
+            bars.append(
+                {
+                    "x": round(i * slot + j * bar, 1),
+                    "y": round(plot - h, 1),
+                    "w": round(bar, 1),
+                    "h": round(h, 1),
+                    "kind": key,
+                    "value": point[key],
+                    "hour": point["hour"],
+                }
+            )
+        if len(timeline) <= 12 or i % max(1, len(timeline) // 12) == 0:
+            labels.append({"x": round(i * slot, 1), "text": point["hour"].strftime("%d %H:00")})
+    return {"bars": bars, "width": width, "height": height, "max": top, "labels": labels}
 
 
 class SuppressionImportForm(forms.Form):
@@ -289,7 +778,7 @@ class SuppressionAdmin(admin.ModelAdmin):
             "form": form,
             "opts": self.model._meta,
         }
-        return render(request, "admin/mailer/suppression/import.html", context)
+        return render(request, "admin/mailer/import.html", context)
 
 
 @admin.register(Event)
@@ -325,3 +814,22 @@ class LinkAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+
+@admin.register(ReputationPause)
+class ReputationPauseAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "active", "reason", "lifted_at", "lifted_by")
+    list_filter = ("active",)
+    readonly_fields = ("reason", "rates", "created_at", "active", "lifted_at", "lifted_by")
+    actions = ("lift",)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Lift the selected pauses (campaigns stay paused until resumed)")
+    def lift(self, request, queryset):
+        count = 0
+        for row in queryset.filter(active=True):
+            campaigns.lift_reputation_pause(row, by=request.user)
+            count += 1
+        self.message_user(request, ngettext("%d pause lifted.", "%d pauses lifted.", count) % count)

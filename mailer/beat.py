@@ -6,6 +6,9 @@ from __future__ import annotations
 SCHEDULE: dict[str, tuple[str, int]] = {
     "mailer: release scheduled messages": ("mailer.tasks.release_due_messages", 15),
     "mailer: recover stuck messages": ("mailer.tasks.recover_stuck_messages", 60),
+    "mailer: launch due campaigns": ("mailer.tasks.launch_due_campaigns", 30),
+    "mailer: campaign housekeeping": ("mailer.tasks.campaign_housekeeping", 60),
+    "mailer: reputation guard": ("mailer.tasks.reputation_guard", 300),
 }
 
 

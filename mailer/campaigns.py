@@ -371,7 +371,7 @@ def _insert_chunk(campaign, variants, phase, ids_sql, ids_params, condition, see
         WHERE c.id IN ({ids_sql}) AND {condition}
         ON CONFLICT DO NOTHING
     """  # noqa: S608
-    params = [*select_params, campaign.pk, now, now, now, *ids_params]
+    params = [campaign.pk, *select_params, now, now, now, *ids_params]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return max(cursor.rowcount, 0)

@@ -183,6 +183,10 @@ def from_email() -> str:
 TASK_QUEUES = {
     "mailer.tasks.drain_transactional": "transactional",
     "mailer.tasks.drain_campaign": "campaign",
+    "mailer.tasks.launch_campaign": "campaign",
+    "mailer.tasks.launch_due_campaigns": "campaign",
+    "mailer.tasks.campaign_housekeeping": "campaign",
+    "mailer.tasks.reputation_guard": "campaign",
     "mailer.tasks.release_due_messages": "transactional",
     "mailer.tasks.recover_stuck_messages": "transactional",
 }

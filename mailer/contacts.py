@@ -1,12 +1,22 @@
-"""Contacts: clean addresses, and the contact behind a user account."""
+"""Contacts: clean addresses, the contact behind a user account, CSV import and export."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
 
-from .exceptions import HeaderInjection, InvalidRecipient
-from .models import Contact, normalize_email
+from .exceptions import HeaderInjection, ImportFileError, InvalidRecipient
+from .models import Contact, Tag, normalize_email
 
 
 def clean_address(value: object) -> str:
@@ -35,3 +45,209 @@ def contact_for_user(user) -> Contact:
         contact.name = contact.name or name
         contact.save(update_fields=["user", "name", "updated_at"])
     return contact
+
+
+# --- CSV import and export ------------------------------------------------------------------
+
+KNOWN_COLUMNS = {"email", "name", "language", "timezone", "tags", "consent", "consent_source"}
+_CONSENT_WORDS = {
+    "granted": Contact.Consent.GRANTED,
+    "yes": Contact.Consent.GRANTED,
+    "true": Contact.Consent.GRANTED,
+    "1": Contact.Consent.GRANTED,
+    "y": Contact.Consent.GRANTED,
+    "opt-in": Contact.Consent.GRANTED,
+    "withdrawn": Contact.Consent.WITHDRAWN,
+    "no": Contact.Consent.WITHDRAWN,
+    "false": Contact.Consent.WITHDRAWN,
+    "0": Contact.Consent.WITHDRAWN,
+    "n": Contact.Consent.WITHDRAWN,
+    "opt-out": Contact.Consent.WITHDRAWN,
+    "unknown": Contact.Consent.UNKNOWN,
+    "": Contact.Consent.UNKNOWN,
+}
+EXPORT_COLUMNS = (
+    "email",
+    "name",
+    "language",
+    "timezone",
+    "consent",
+    "consent_at",
+    "consent_source",
+    "verified_at",
+    "tags",
+    "attributes",
+    "created_at",
+)
+
+
+@dataclass
+class ContactImportReport:
+    rows: int = 0
+    created: int = 0
+    updated: int = 0
+    duplicates: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+def import_csv(stream: BinaryIO, *, source: str, batch_size: int = 2000) -> ContactImportReport:
+    """Import contacts from a CSV stream with bulk upserts, in one transaction.
+
+    Rows stream through in batches (flat memory). Emails are de-duplicated
+    case-insensitively; unknown columns become attributes; ``tags`` is ;-separated;
+    ``consent`` takes granted/withdrawn/yes/no. Bad rows are reported by line and
+    skipped; a file that cannot be read (not UTF-8, no email column, broken CSV) raises
+    ImportFileError and leaves nothing behind.
+    """
+    report = ContactImportReport()
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    try:
+        with transaction.atomic():
+            reader = csv.DictReader(text)
+            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            if "email" not in columns:
+                raise ImportFileError("The CSV needs a header row with an 'email' column.")
+            reader.fieldnames = columns
+            batch: dict[str, dict] = {}
+            for line, row in enumerate(reader, start=2):
+                report.rows += 1
+                parsed = _parse_row(row, columns, source)
+                if isinstance(parsed, str):
+                    report.rejected.append((line, parsed))
+                    continue
+                if parsed["email"] in batch:
+                    report.duplicates += 1
+                    _merge(batch[parsed["email"]], parsed)
+                    continue
+                batch[parsed["email"]] = parsed
+                if len(batch) >= batch_size:
+                    _upsert(batch, report)
+                    batch = {}
+            if batch:
+                _upsert(batch, report)
+    except UnicodeDecodeError as exc:
+        raise ImportFileError(
+            f"The file is not UTF-8 text ({exc.reason} at byte {exc.start})."
+        ) from None
+    except csv.Error as exc:
+        raise ImportFileError(f"The CSV cannot be parsed: {exc}") from None
+    finally:
+        text.detach()
+    return report
+
+
+def _parse_row(row: dict, columns: list[str], source: str) -> dict | str:
+    if None in row:
+        return "more fields than the header has columns"
+    try:
+        email = clean_address(row.get("email") or "")
+    except (InvalidRecipient, HeaderInjection) as exc:
+        return str(exc)
+    consent_word = (row.get("consent") or "").strip().lower()
+    if consent_word not in _CONSENT_WORDS:
+        return f"consent {consent_word!r} is not one of granted/withdrawn/yes/no"
+    parsed: dict = {
+        "email": email,
+        "attributes": {
+            key: value.strip()
+            for key in columns
+            if key and key not in KNOWN_COLUMNS and (value := row.get(key)) not in (None, "")
+        },
+        "tags": {
+            t.strip().lower()
+            for t in (row.get("tags") or "").replace(",", ";").split(";")
+            if t.strip()
+        },
+    }
+    for key in ("name", "language", "timezone"):
+        if value := (row.get(key) or "").strip():
+            parsed[key] = value[:200]
+    if "consent" in columns and consent_word:
+        parsed["consent"] = _CONSENT_WORDS[consent_word]
+        parsed["consent_source"] = (row.get("consent_source") or "").strip()[:200] or source[:200]
+    return parsed
+
+
+def _merge(into: dict, later: dict) -> None:
+    """A later row for the same address fills in and overrides the earlier one."""
+    for key, value in later.items():
+        if key == "attributes":
+            into["attributes"].update(value)
+        elif key == "tags":
+            into["tags"] |= value
+        else:
+            into[key] = value
+
+
+def _upsert(batch: dict[str, dict], report: ContactImportReport) -> None:
+    now = timezone.now()
+    existing = {c.email: c for c in Contact.objects.filter(email__in=list(batch))}
+    new, changed = [], []
+    for email, data in batch.items():
+        contact = existing.get(email) or Contact(email=email, created_at=now)
+        for key in ("name", "language", "timezone", "consent", "consent_source"):
+            if key in data:
+                setattr(contact, key, data[key])
+        if "consent" in data:
+            contact.consent_at = now
+        contact.attributes = {**(contact.attributes or {}), **data["attributes"]}
+        contact.updated_at = now
+        (changed if contact.pk else new).append(contact)
+    Contact.objects.bulk_create(new, batch_size=1000)
+    Contact.objects.bulk_update(
+        changed,
+        [
+            "name",
+            "language",
+            "timezone",
+            "consent",
+            "consent_at",
+            "consent_source",
+            "attributes",
+            "updated_at",
+        ],
+        batch_size=1000,
+    )
+    report.created += len(new)
+    report.updated += len(changed)
+    tag_names = set().union(*(d["tags"] for d in batch.values()))
+    if tag_names:
+        Tag.objects.bulk_create([Tag(name=n[:100]) for n in tag_names], ignore_conflicts=True)
+        tags = dict(Tag.objects.filter(name__in=tag_names).values_list("name", "pk"))
+        ids = dict(Contact.objects.filter(email__in=list(batch)).values_list("email", "pk"))
+        Through = Contact.tags.through
+        Through.objects.bulk_create(
+            [
+                Through(contact_id=ids[e], tag_id=tags[t])
+                for e, d in batch.items()
+                for t in d["tags"]
+            ],
+            ignore_conflicts=True,
+            batch_size=2000,
+        )
+
+
+def _csv_safe(value: object) -> str:
+    from .suppressions import csv_safe
+
+    return csv_safe(value)
+
+
+def export_rows(queryset: QuerySet) -> Iterator[list[str]]:
+    """CSV rows (header first) for contacts, streamed in chunks, formula-safe."""
+    yield list(EXPORT_COLUMNS)
+    for contact in queryset.order_by("pk").prefetch_related("tags").iterator(chunk_size=2000):
+        tags = ";".join(sorted(tag.name for tag in contact.tags.all()))
+        yield [
+            _csv_safe(contact.email),
+            _csv_safe(contact.name),
+            _csv_safe(contact.language),
+            _csv_safe(contact.timezone),
+            contact.consent,
+            contact.consent_at.isoformat() if contact.consent_at else "",
+            _csv_safe(contact.consent_source),
+            contact.verified_at.isoformat() if contact.verified_at else "",
+            _csv_safe(tags),
+            _csv_safe(json.dumps(contact.attributes, ensure_ascii=False)),
+            contact.created_at.isoformat(),
+        ]

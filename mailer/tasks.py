@@ -5,7 +5,7 @@ Routing lives in ``mailer.conf.route_task`` (the CELERY_TASK_ROUTES of the host)
 
 from celery import shared_task
 
-from . import delivery
+from . import campaigns, delivery
 from .models import Kind
 
 _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
@@ -33,6 +33,30 @@ def release_due_messages() -> int:
 def recover_stuck_messages() -> dict:
     """Beat: recover messages a dead worker left in sending, wake workers for lost kicks."""
     return delivery.recover_stuck()
+
+
+@shared_task(name="mailer.tasks.launch_campaign", **_RELIABLE)
+def launch_campaign(campaign_id: int) -> int:
+    """Launch one campaign now (Send now); a no-op unless it is scheduled and due."""
+    return campaigns.launch(campaign_id)
+
+
+@shared_task(name="mailer.tasks.launch_due_campaigns", **_RELIABLE)
+def launch_due_campaigns() -> int:
+    """Beat: launch campaigns whose send time has come."""
+    return campaigns.launch_due()
+
+
+@shared_task(name="mailer.tasks.campaign_housekeeping", **_RELIABLE)
+def campaign_housekeeping() -> dict:
+    """Beat: pick A/B winners whose window ended; mark finished campaigns sent."""
+    return {"winners": campaigns.pick_due_winners(), "finished": campaigns.finish_campaigns()}
+
+
+@shared_task(name="mailer.tasks.reputation_guard", **_RELIABLE)
+def reputation_guard() -> bool:
+    """Beat: pause marketing when bounce or complaint rates pass the thresholds."""
+    return campaigns.reputation_guard() is not None
 
 
 def drain_task(kind: str):

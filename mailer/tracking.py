@@ -71,8 +71,13 @@ def advance_status(message_id: int, status: str) -> bool:
 
 
 def _event_key(esp: str, event) -> str:
+    """Unique per event and recipient: SES gives every recipient of one notification the
+    same id, so the recipient is part of the key."""
     if event.event_id:
-        return f"{esp}:{event.event_id}"[:255]
+        key = f"{esp}:{event.event_id}:{(event.recipient or '').lower()}"
+        return (
+            key if len(key) <= 255 else f"{esp}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+        )
     # No id from the ESP: a stable hash of what identifies the event.
     timestamp = event.timestamp.isoformat() if event.timestamp else ""
     parts = [esp, event.event_type, event.message_id, event.recipient, timestamp, event.click_url]

@@ -163,6 +163,12 @@ MAILER = {
         "transactional": env.str("MAILER_RATE_LIMIT_TRANSACTIONAL", default="") or None,
         "campaign": env.str("MAILER_RATE_LIMIT_CAMPAIGN", default="") or None,
     },
+    # CAN-SPAM: every marketing email shows it. Only the demo (DEBUG) has a made-up one.
+    "POSTAL_ADDRESS": env.str(
+        "MAILER_POSTAL_ADDRESS",
+        default="Mailer Demo, 1 Example Street, 75001 Paris (demo address)" if DEBUG else "",
+    ),
+    "UNSUBSCRIBE_MAILTO": env.str("MAILER_UNSUBSCRIBE_MAILTO", default="") or None,
     "MAX_ATTEMPTS": env.int("MAILER_MAX_ATTEMPTS", default=5),
     "RETRY_BACKOFF_BASE": env.float("MAILER_RETRY_BACKOFF_BASE", default=30.0),
     "RETRY_BACKOFF_MAX": env.float("MAILER_RETRY_BACKOFF_MAX", default=3600.0),

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from mailer.models import Contact, Suppression, Template
+from mailer.models import Campaign, Contact, Segment, SegmentRule, Suppression, Template
 
 DEMO_USER, DEMO_PASSWORD = "admin", "admin"  # noqa: S105 - demo only; refused without DEBUG
 
@@ -20,7 +20,8 @@ p { font-size: 16px; line-height: 24px; }
 <p>Here is what is new at {{ app_name }} this month.</p>
 <p><a href="{{ site_url }}/">Read more</a></p>
 <p style="font-size:12px;color:#627d98">You receive this as a {{ app_name }} user.
-<a href="{{ unsubscribe_url }}">Unsubscribe</a>. {{ app_name }}, 1 Example Street, Paris.</p>
+<a href="{{ unsubscribe_url }}">Unsubscribe</a> · <a href="{{ preferences_url }}">Preferences</a>
+· {{ postal_address }}</p>
 </body></html>"""
 
 WELCOME_DE_HTML = """<html><head><style>h1 { color: #102a43; }</style></head><body>
@@ -44,7 +45,7 @@ class Command(BaseCommand):
         admin.set_password(DEMO_PASSWORD)
         admin.save()
 
-        Template.objects.update_or_create(
+        newsletter, _ = Template.objects.update_or_create(
             slug="newsletter",
             language="en",
             defaults={
@@ -80,6 +81,23 @@ class Command(BaseCommand):
             scope=Suppression.Scope.ALL,
             defaults={"reason": Suppression.Reason.HARD_BOUNCE, "source": "demo"},
         )
+        everyone, _ = Segment.objects.get_or_create(
+            name="Consenting contacts", defaults={"description": "Everyone who said yes."}
+        )
+        if not everyone.rules.exists():
+            SegmentRule.objects.create(
+                segment=everyone, field="consent", operator="eq", value="granted"
+            )
+        pro, _ = Segment.objects.get_or_create(name="Pro plan")
+        if not pro.rules.exists():
+            SegmentRule.objects.create(
+                segment=pro, field="attribute", attribute="plan", operator="eq", value="pro"
+            )
+        campaign, created = Campaign.objects.get_or_create(
+            name="Spring newsletter (demo)", defaults={"template": newsletter}
+        )
+        if created:
+            campaign.segments.add(everyone)
         self.stdout.write(
             self.style.SUCCESS(
                 f"Demo ready. Admin: http://127.0.0.1:8000/admin/  user: {DEMO_USER}  "

@@ -48,7 +48,7 @@ demo: install ## Run the demo: web on :8000, both workers and beat (Ctrl-C stops
 		web worker_transactional worker_campaign beat
 
 test: install ## Run the test-suite against real PostgreSQL + Redis (tests/services.sh)
-	bash tests/services.sh run -- $(BIN)/pytest $(PYTEST_ARGS)
+	MAILER_TEST_BROWSER=1 bash tests/services.sh run -- $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install ## Run the transactional benchmark against real services
 	bash tests/services.sh run -- $(BIN)/python bench/transactional.py

@@ -345,6 +345,19 @@ class VariantInline(admin.TabularInline):
     max_num = 5
     fields = ("label", "subject", "from_name", "template")
 
+    # Variants are fixed once a campaign leaves draft/scheduled/paused: the test is running.
+    def _editable(self, obj) -> bool:
+        return obj is None or obj.status in EDITABLE
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return self._editable(obj) and super().has_add_permission(request, obj)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return self._editable(obj) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return self._editable(obj) and super().has_delete_permission(request, obj)
+
 
 class TransitionInline(admin.TabularInline):
     model = CampaignTransition

@@ -17,6 +17,8 @@
 # Environment:
 #   MAILER_TEST_PG_PORT     (default 5439)
 #   MAILER_TEST_REDIS_PORT  (default 6390)
+#   MAILER_TEST_BROWSER=1   `run` also installs Chromium (/usr/bin/chromium) for
+#                           tests/test_browser.py when it is missing (`make test` sets it)
 #   (`stop` must see the same ports as `start`.)
 #
 # Exported to CMD (and printed by `env` / `start`):
@@ -142,6 +144,13 @@ ensure_redis_bin() {
         apt_install redis-server
         hash -r
         command -v redis-server >/dev/null 2>&1 || die "redis-server installed but not on PATH"
+    fi
+}
+
+ensure_chromium() {
+    if [ ! -x /usr/bin/chromium ]; then
+        apt_install chromium
+        [ -x /usr/bin/chromium ] || die "chromium installed but /usr/bin/chromium is missing"
     fi
 }
 
@@ -428,6 +437,7 @@ cmd_run() {
     trap 'exit 143' TERM
     trap 'exit 129' HUP
     ensure_services
+    [ "${MAILER_TEST_BROWSER:-0}" = 1 ] && ensure_chromium
     # A service we (re)started here supersedes a stale marker left by `start`.
     [ "$STARTED_PG" = 1 ] && rm -f "$PG_OWNED"
     [ "$STARTED_REDIS" = 1 ] && rm -f "$REDIS_OWNED"

@@ -19,14 +19,14 @@ pytestmark = pytest.mark.django_db
 
 def test_import_adds_good_rows_and_reports_every_bad_one_by_line():
     data = (
-        "Email,Scope,Reason,Note\n"
-        "a@example.com,all,hard_bounce,from old ESP\n"
-        "B@Example.com,marketing,unsubscribe,\n"
-        "not-an-address,all,manual,\n"
-        "c@example.com,everything,manual,\n"
-        "d@example.com,all,angry,\n"
-        "a@example.com,all,hard_bounce,dup\n"
-    ).encode()
+        b"Email,Scope,Reason,Note\n"
+        b"a@example.com,all,hard_bounce,from old ESP\n"
+        b"B@Example.com,marketing,unsubscribe,\n"
+        b"not-an-address,all,manual,\n"
+        b"c@example.com,everything,manual,\n"
+        b"d@example.com,all,angry,\n"
+        b"a@example.com,all,hard_bounce,dup\n"
+    )
 
     report = suppressions.import_csv(data, source="import:test")
 

@@ -73,7 +73,10 @@ def transition(campaign: Campaign, to: str, *, by=None, note: str = "", **fields
 def check_ready(campaign: Campaign) -> int:
     """Refuse a campaign that cannot be sent, saying why; return its audience size."""
     variants = list(campaign.variants.all())
-    if campaign.template_id is None and not (variants and all(v.template_id for v in variants)):
+    # Variant templates stand in for the campaign's only in an A/B test: without a test
+    # share, everyone gets the campaign's template.
+    per_variant = campaign.test_share and variants and all(v.template_id for v in variants)
+    if campaign.template_id is None and not per_variant:
         raise CampaignError("Choose a template (or one per variant) first.", field="template")
     for template in [campaign.template, *(v.template for v in variants)]:
         if template is not None and template.purpose != template.Purpose.MARKETING:
@@ -148,8 +151,12 @@ def resume(campaign: Campaign, *, by=None) -> Campaign:
     if ReputationPause.objects.filter(active=True).exists():
         raise CampaignError("Marketing is paused by the reputation guard; lift that pause first.")
     before = campaign.transitions.filter(to_status=S.PAUSED).order_by("-at", "-id").first()
+    campaign.refresh_from_db(fields=["winner"])
+    # Back to the A/B test it left, unless a winner was chosen meanwhile: then send it.
     target = (
-        before.from_status if before and before.from_status in (S.TESTING, S.WAITING) else S.SENDING
+        before.from_status
+        if before and before.from_status in (S.TESTING, S.WAITING) and not campaign.winner_id
+        else S.SENDING
     )
     campaign = transition(campaign, target, by=by, note="resumed", paused_reason="")
     transaction.on_commit(lambda: kick(Kind.CAMPAIGN))
@@ -241,22 +248,25 @@ def send_test(campaign: Campaign, to: str, *, by=None) -> list[Message]:
 
 # Deterministic pseudo-random buckets per (campaign, contact): two rounds of
 # multiplicative hashing modulo a prime, in plain SQL integer arithmetic so PostgreSQL
-# and SQLite agree and the split is reproducible.
+# and SQLite agree and the split is reproducible. The second multiplier stays below 2**31
+# so (value < 2**32) * multiplier fits a signed 64-bit integer: PostgreSQL raises "bigint
+# out of range" on overflow and SQLite silently turns to imprecise floats.
+# The fragments run through cursor.execute with parameters, hence "%%" for modulo.
 _PRIME = 4294967291
 
 
 def _hash_sql(column: str, seed: int) -> str:
-    first = f"(({column} * 2654435761 + {seed}) % {_PRIME})"
-    return f"(({first} * 2246822519 + 3266489917) % {_PRIME})"
+    first = f"(({column} * 2654435761 + {seed}) %% {_PRIME})"
+    return f"(({first} * 1597334677 + 3266489917) %% {_PRIME})"
 
 
 def bucket_sql(seed: int) -> str:
-    """0..9999: which share of the audience a contact falls in."""
-    return f"({_hash_sql('c.id', seed)} % 10000)"
+    """0..9999: which share of the audience a contact falls in (SQL with %% escaped)."""
+    return f"({_hash_sql('c.id', seed)} %% 10000)"
 
 
 def variant_sql(seed: int, count: int) -> str:
-    return f"({_hash_sql('c.id', seed + 7919)} % {count})"
+    return f"({_hash_sql('c.id', seed + 7919)} %% {count})"
 
 
 def launch(campaign_id: int, *, now: datetime | None = None) -> int:

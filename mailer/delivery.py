@@ -165,11 +165,22 @@ def _stopped_campaigns(messages: list[Message]) -> set[int]:
 
 
 def _release(messages: list[Message]) -> None:
-    """Hand claimed messages back to the queue untouched (their campaign stopped)."""
+    """Hand claimed messages back to the queue untouched (their campaign stopped).
+
+    A cancelled campaign's messages are cancelled instead: cancel() only reached the
+    queued ones, and a released message would otherwise wait forever.
+    """
     if messages:
-        Message.objects.filter(
+        claimed = Message.objects.filter(
             pk__in=[m.pk for m in messages], status=MessageStatus.SENDING
-        ).update(status=MessageStatus.QUEUED, claim_token=None, attempts=F("attempts") - 1)
+        )
+        claimed.filter(campaign__status=CampaignStatus.CANCELLED).update(
+            status=MessageStatus.CANCELLED,
+            claim_token=None,
+            attempts=F("attempts") - 1,
+            last_error="Campaign cancelled.",
+        )
+        claimed.update(status=MessageStatus.QUEUED, claim_token=None, attempts=F("attempts") - 1)
 
 
 def drain(kind: str = Kind.TRANSACTIONAL) -> int:

@@ -7,7 +7,10 @@ from datetime import date, datetime, timedelta
 from functools import reduce
 from operator import and_, or_
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Case, Exists, FloatField, OuterRef, Q, QuerySet, When
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast
+from django.db.models.lookups import GreaterThan, LessThan
 from django.utils import timezone
 
 from .exceptions import SegmentError
@@ -44,6 +47,8 @@ OPERATORS: dict[str, set[str]] = {
 }
 NO_VALUE = {Op.IS_SET, Op.IS_NOT_SET, Op.TRUE, Op.FALSE}
 _ATTRIBUTE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,99}$")
+# A JSON number, or a string holding one (CSV imports store every value as a string).
+_NUMERIC = r"^\s*-?[0-9]{1,250}(\.[0-9]{1,250})?\s*$"
 
 
 def validate_rule(rule: SegmentRule) -> None:
@@ -168,7 +173,16 @@ def rule_q(rule: SegmentRule, now: datetime | None = None) -> Q:
         if op in (Op.TRUE, Op.FALSE):
             return Q(**{key: op == Op.TRUE})
         if op in (Op.GREATER, Op.LESS):
-            return Q(**{f"{key}__{'gt' if op == Op.GREATER else 'lt'}": _number(values[0])})
+            # Compare as numbers: jsonb would order any string below any number.
+            number = Case(
+                When(
+                    **{f"{key}__regex": _NUMERIC},
+                    then=Cast(KeyTextTransform(rule.attribute, "attributes"), FloatField()),
+                ),
+                output_field=FloatField(),
+            )
+            compare = GreaterThan if op == Op.GREATER else LessThan
+            return Q(compare(number, _number(values[0])))
         return _text_q(key, rule)
     if field in (F.OPENED_WITHIN, F.CLICKED_WITHIN):
         kind = Event.Type.OPENED if field == F.OPENED_WITHIN else Event.Type.CLICKED

@@ -21,6 +21,16 @@ class MailerConfig(AppConfig):
             receivers.on_password_reset_requested, dispatch_uid="mailer.password_reset"
         )
         from anymail.signals import inbound, tracking
+        from django.db.models.signals import post_delete, post_save
+
+        from .models import Template
+
+        for signal in (post_save, post_delete):
+            signal.connect(
+                receivers.on_template_changed,
+                sender=Template,
+                dispatch_uid=f"mailer.template_changed.{signal is post_save}",
+            )
 
         tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "STUCK_POLICY": "retry",
     # Email verification links stay valid this many seconds.
     "VERIFY_MAX_AGE": 3 * 24 * 3600,
+    # Seconds a process reuses a template lookup (other processes see edits this late).
+    "TEMPLATE_CACHE_SECONDS": 5,
     # Extra names allowed in every template besides the standard context.
     "EXTRA_CONTEXT": [],
     # Own open/click tracking for SMTP set-ups. None: on unless an anymail ESP sends

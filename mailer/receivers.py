@@ -2,7 +2,7 @@
 
 import logging
 
-from . import accounts, tracking, unsubscribe
+from . import accounts, rendering, tracking, unsubscribe
 
 logger = logging.getLogger(__name__)
 
@@ -28,3 +28,7 @@ def on_inbound(sender, event, esp_name, **kwargs) -> None:
     target = unsubscribe.from_inbound(message.get("Subject", "") or "", message.text or "")
     if target is not None:
         unsubscribe.unsubscribe(target, source=f"mailto via {esp_name}")
+
+
+def on_template_changed(sender, **kwargs) -> None:
+    rendering.forget_templates()

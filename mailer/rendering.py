@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,11 +236,39 @@ def language_candidates(*languages: str | None) -> list[str]:
     return out
 
 
+_found: dict[tuple, tuple[float, Source]] = {}
+
+
+def forget_templates() -> None:
+    """Drop this process's template lookups (a Template row was saved or deleted)."""
+    _found.clear()
+
+
 def find_template(slug: str, *languages: str | None) -> Source:
-    """The template for slug in the first language that has one, database before file."""
+    """The template for slug in the first language that has one, database before file.
+
+    Lookups are cached for TEMPLATE_CACHE_SECONDS per process (dropped at once in the
+    process that saves a template): the request path should not pay a query for a row
+    that changes a few times a month.
+    """
+    candidates = language_candidates(*languages)
+    key = (slug, tuple(candidates))
+    ttl = float(conf.get("TEMPLATE_CACHE_SECONDS"))
+    hit = _found.get(key)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    source = _lookup_template(slug, candidates)
+    if ttl > 0:
+        if len(_found) > 1024:
+            _found.clear()
+        _found[key] = (now, source)
+    return source
+
+
+def _lookup_template(slug: str, candidates: list[str]) -> Source:
     from .models import Template
 
-    candidates = language_candidates(*languages)
     rows = {
         row.language: row
         for row in Template.objects.filter(slug=slug, language__in=candidates).only(

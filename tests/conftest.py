@@ -28,6 +28,16 @@ FROM_EMAIL = "noreply@mailer.test"
 FROM_NAME = "Mailer Tests"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_template_caches():
+    """Rolled-back Template rows send no signal: forget every lookup between tests."""
+    from mailer import rendering
+
+    rendering.forget_templates()
+    yield
+    rendering.forget_templates()
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = ""):
     """Poll until predicate() is truthy; fail with ``message`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -36,11 +36,7 @@ END = b"\r\n.\r\n"
 MAX_LINE = 4096  # a command line longer than this is an error (RFC 5321 allows 512)
 
 EHLO_REPLY = (
-    b"250-sink.bench Hello\r\n"
-    b"250-PIPELINING\r\n"
-    b"250-8BITMIME\r\n"
-    b"250-SIZE 104857600\r\n"
-    b"250 HELP\r\n"
+    b"250-sink.bench Hello\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 HELP\r\n"
 )
 REPLIES = {
     b"HELO": b"250 sink.bench\r\n",

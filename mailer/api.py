@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from . import rendering
-from .contacts import clean_address
+from .contacts import ContactImportReport, clean_address, import_csv
 from .delivery import kick_on_commit, message_context
 from .exceptions import HeaderInjection, InvalidContext, MailerError
 from .models import Contact, Kind, Message, MessageStatus, Suppression
 
-__all__ = ["send", "Message", "MailerError"]
+__all__ = ["send", "suppress", "import_contacts", "Message", "MailerError"]
 
 
 def send(
@@ -84,6 +84,29 @@ def send(
     if message.status == MessageStatus.QUEUED:
         kick_on_commit(Kind.TRANSACTIONAL)
     return message
+
+
+def suppress(
+    email: str, *, marketing_only: bool = False, note: str = "", source: str = "api"
+) -> bool:
+    """Stop mailing an address (all mail, or marketing only); returns whether it is new.
+
+    Waiting campaign and drip messages to it are cancelled at once.
+    """
+    from .suppressions import suppress as add
+
+    scope = Suppression.Scope.MARKETING if marketing_only else Suppression.Scope.ALL
+    _, created = add(email, scope=scope, reason=Suppression.Reason.MANUAL, source=source, note=note)
+    return created
+
+
+def import_contacts(stream: BinaryIO, *, source: str) -> ContactImportReport:
+    """Import contacts from a CSV byte stream (see the README for the columns).
+
+    Raises ImportFileError, importing nothing, when the file cannot be read; bad rows are
+    listed in the returned report's ``rejected`` by line number.
+    """
+    return import_csv(stream, source=source)
 
 
 def _contact_and_suppression(address: str) -> tuple[Contact | None, bool]:

@@ -62,4 +62,13 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 id="mailer.E007",
             )
         )
+    if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
+        errors.append(
+            checks.Warning(
+                "MAILER['POSTAL_ADDRESS'] is empty: campaigns will refuse to send, because "
+                "marketing email must carry a postal address (CAN-SPAM).",
+                hint="Set MAILER_POSTAL_ADDRESS.",
+                id="mailer.W001",
+            )
+        )
     return errors

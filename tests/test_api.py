@@ -10,7 +10,7 @@ from django.utils import timezone
 from mailer import api, delivery, rendering
 from mailer.exceptions import HeaderInjection, InvalidContext, InvalidRecipient, TemplateNotFound
 from mailer.models import Kind, Message, MessageStatus, Suppression
-from tests.factories import ContactFactory, SuppressionFactory, TemplateFactory
+from tests.factories import ContactFactory, MessageFactory, SuppressionFactory, TemplateFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -188,3 +188,28 @@ def test_regional_language_falls_back_to_its_base_language():
 
     assert message.language == "fr"
     assert message.subject.startswith("Bienvenue")
+
+
+def test_api_suppress_blocks_all_mail_and_cancels_waiting_marketing():
+    waiting = MessageFactory(kind="campaign", to_email="gone@example.com")
+
+    assert api.suppress("Gone@Example.com", note="asked by phone") is True
+    assert api.suppress("gone@example.com") is False
+
+    assert Message.objects.get(pk=waiting.pk).status == MessageStatus.CANCELLED
+    assert api.send("welcome", to="gone@example.com", context=WELCOME).status == "suppressed"
+
+
+def test_api_suppress_marketing_only_still_lets_transactional_through():
+    api.suppress("news@example.com", marketing_only=True)
+    assert api.send("welcome", to="news@example.com", context=WELCOME).status == "queued"
+
+
+def test_api_import_contacts_reports_rejected_rows():
+    import io
+
+    report = api.import_contacts(
+        io.BytesIO(b"email,plan\na@example.com,pro\nnope,free\n"), source="t"
+    )
+
+    assert (report.created, [line for line, _ in report.rejected]) == (1, [3])

@@ -28,13 +28,13 @@ def test_project_settings_pass_every_check(redis_broker):
 
 
 def test_documented_defaults_pass_every_check(redis_broker, settings):
-    settings.MAILER = {}
+    settings.MAILER = {"POSTAL_ADDRESS": "1 Test Street"}
 
     assert mailer_ids() == []
 
 
 def test_defaults_without_redis_or_time_limit_pass(settings):
-    settings.MAILER = {}
+    settings.MAILER = {"POSTAL_ADDRESS": "1 Test Street"}
     settings.CELERY_BROKER_URL = "filesystem://localhost/"
     settings.CELERY_TASK_TIME_LIMIT = None
 
@@ -103,3 +103,10 @@ def test_missing_webhook_secret_is_fine_in_debug(settings):
     settings.DEBUG = True
 
     assert "mailer.E007" not in mailer_ids()
+
+
+def test_missing_postal_address_without_debug_is_warning_w001(settings):
+    settings.MAILER = {**settings.MAILER, "POSTAL_ADDRESS": ""}
+    settings.DEBUG = False
+
+    assert "mailer.W001" in mailer_ids()

@@ -123,14 +123,26 @@ def schedule(campaign: Campaign, send_at: datetime, *, by=None) -> Campaign:
 
 
 def send_now(campaign: Campaign, *, by=None) -> Campaign:
-    """Schedule for now and launch at once (beat would pick it up within a minute)."""
+    """Launch at once, from draft or scheduled (beat would pick it up within a minute)."""
     from . import tasks
 
     size = check_ready(campaign)
     now = timezone.now()
-    campaign = transition(
-        campaign, S.SCHEDULED, by=by, note=f"send now, ~{size} recipients", send_at=now
-    )
+    note = f"send now, ~{size} recipients"
+    if campaign.status == S.SCHEDULED:
+        # Already scheduled for later: bring the time forward, keep the history honest.
+        with transaction.atomic():
+            updated = Campaign.objects.filter(pk=campaign.pk, status=S.SCHEDULED).update(
+                send_at=now
+            )
+            if not updated:
+                raise CampaignError("The campaign changed status meanwhile; reload the page.")
+            CampaignTransition.objects.create(
+                campaign=campaign, from_status=S.SCHEDULED, to_status=S.SCHEDULED, by=by, note=note
+            )
+        campaign.refresh_from_db()
+    else:
+        campaign = transition(campaign, S.SCHEDULED, by=by, note=note, send_at=now)
     transaction.on_commit(lambda: tasks.launch_campaign.delay(campaign.pk))
     return campaign
 

@@ -1319,3 +1319,22 @@ def test_admin_winner_view_refuses_a_variant_of_another_campaign(
 
     assert notes(response) == {"That variant belongs to another campaign.": "error"}
     assert Campaign.objects.get(pk=campaign.pk).winner is None
+
+
+def test_send_now_on_a_scheduled_campaign_brings_the_time_forward(
+    newsletter, everyone, django_capture_on_commit_callbacks
+):
+    add_contacts(3)
+    campaign = make_campaign(newsletter, everyone)
+    campaigns.schedule(campaign, timezone.now() + timedelta(days=3))
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        campaigns.send_now(campaign)
+
+    campaign.refresh_from_db()
+    assert campaign.status == CampaignStatus.SCHEDULED
+    assert campaign.send_at <= timezone.now()
+    assert len(callbacks) == 1  # the launch task
+    last = campaign.transitions.order_by("-at", "-id").first()
+    assert (last.from_status, last.to_status) == ("scheduled", "scheduled")
+    assert last.note.startswith("send now")

@@ -467,6 +467,9 @@ class Message(models.Model):
             )
         ]
         indexes = [
+            # Claims take the oldest queued ids: a partial index keeps that a short index
+            # read however many sent rows a million-recipient campaign leaves behind.
+            models.Index(fields=("id",), condition=Q(status="queued"), name="mailer_msg_queued_id"),
             models.Index(fields=("campaign", "status"), name="mailer_msg_campaign_status"),
             models.Index(fields=("status", "send_after"), name="mailer_msg_status_due"),
             models.Index(fields=("status", "claimed_at"), name="mailer_msg_status_claim"),

@@ -14,7 +14,7 @@ DEMO_PORT ?= 8000
 DEMO_ENV = DEBUG=1 WEB_CONCURRENCY=1 WORKER_CONCURRENCY=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint fmt bench clean distclean
+.PHONY: help install demo test lint fmt bench bench-campaign clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS=...]"
@@ -52,6 +52,9 @@ test: install ## Run the test-suite against real PostgreSQL + Redis (tests/servi
 
 bench: install ## Run the transactional benchmark against real services
 	bash tests/services.sh run -- $(BIN)/python bench/transactional.py
+
+bench-campaign: install ## Run the campaign benchmark (100k contacts) against real services
+	bash tests/services.sh run -- $(BIN)/python bench/campaign.py
 
 lint: install ## ruff check + ruff format --check
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ its attributes as usual.
 from __future__ import annotations
 
 import binascii
+import functools
 import uuid
 from email.header import Header
 from email.utils import formatdate
@@ -102,6 +103,12 @@ class _Built:
         return self._data
 
 
+@functools.lru_cache(maxsize=256)
+def _sanitize_constant(address: str, encoding: str) -> str:
+    """From and Reply-To repeat for every email of a campaign: parse them once."""
+    return sanitize_address(address, encoding)
+
+
 class PreparedEmail(EmailMultiAlternatives):
     """A text + HTML email whose MIME bytes come from ``build``."""
 
@@ -122,13 +129,13 @@ class PreparedEmail(EmailMultiAlternatives):
                 if k.lower() not in ("message-id", "from", "to", "subject", "reply-to", "date")
             }
             self._bytes = build(
-                from_header=sanitize_address(self.from_email, encoding),
+                from_header=_sanitize_constant(self.from_email, encoding),
                 to_header=", ".join(sanitize_address(a, encoding) for a in self.to),
                 subject=self.subject,
                 text=self.body,
                 html=self.html,
                 message_id=self.message_id,
                 headers=headers,
-                reply_to=", ".join(sanitize_address(a, encoding) for a in self.reply_to) or None,
+                reply_to=", ".join(_sanitize_constant(a, encoding) for a in self.reply_to) or None,
             )
         return _Built(self._bytes)

@@ -22,6 +22,7 @@ from email.utils import formataddr
 import redis
 from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
 from django.core.mail import get_connection
+from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
@@ -36,7 +37,7 @@ from .exceptions import (
     TemplateNotFound,
     TransientSendError,
 )
-from .mime import PreparedEmail
+from .mime import PreparedEmail, sanitize_cached
 from .models import (
     Campaign,
     CampaignStatus,
@@ -323,6 +324,7 @@ def build_email(
         connection=connection,
         headers=headers,
     )
+    email.to_pairs = [(name, message.to_email)]  # mime builds the To header from these
     email.metadata = {"mailer_message_id": str(message.uuid)}  # anymail
     email.tags = [message.template_slug]
     return email
@@ -408,7 +410,17 @@ class _Sender:
             self.connection = connection
         email.connection = self.connection
         try:
-            if not self.connection.send_messages([email]):
+            backend = self.connection
+            if type(backend) is DjangoSMTPBackend and backend.connection is not None:
+                # Django's _send without parsing both addresses again for every message
+                # (~0.25 ms): the bytes and the bare addresses are ready.
+                encoding = email.encoding or "utf-8"
+                backend.connection.sendmail(
+                    sanitize_cached(email.from_email, encoding),
+                    email.envelope_recipients(encoding),
+                    email.message().as_bytes(linesep="\r\n"),
+                )
+            elif not backend.send_messages([email]):
                 raise TransientSendError("The backend accepted nothing.")
         except Exception as exc:
             if _connection_error(exc):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import binascii
 import functools
+import re
 import uuid
 from email.header import Header
-from email.utils import formatdate
+from email.utils import formataddr, formatdate
 
 from django.core.mail import EmailMultiAlternatives
 from django.core.mail.message import sanitize_address
@@ -103,9 +104,24 @@ class _Built:
         return self._data
 
 
-@functools.lru_cache(maxsize=256)
-def _sanitize_constant(address: str, encoding: str) -> str:
+# An ASCII addr-spec with nothing to quote or encode: sanitize_address returns it as is.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
+
+
+@functools.lru_cache(maxsize=1024)
+def sanitize_cached(address: str, encoding: str) -> str:
     """From and Reply-To repeat for every email of a campaign: parse them once."""
+    return sanitize_address(address, encoding)
+
+
+def sanitize(address: str, encoding: str = "utf-8") -> str:
+    """Django's sanitize_address (~0.13 ms a call), skipped for a plain ASCII address.
+
+    Names, non-ASCII local parts and IDN domains still go through Django.
+    """
+    if _PLAIN_ADDRESS.match(address):
+        return address
     return sanitize_address(address, encoding)
 
 
@@ -120,6 +136,23 @@ class PreparedEmail(EmailMultiAlternatives):
         self.extra_headers.setdefault("Message-ID", message_id)
         self._bytes: bytes | None = None
 
+    def to_header_parts(self, encoding: str) -> list[str]:
+        """To addresses for the header; "Name <plain@address>" is built without a parser."""
+        parts = []
+        for name, address in getattr(self, "to_pairs", None) or [("", a) for a in self.to]:
+            if _PLAIN_ADDRESS.match(address):
+                parts.append(formataddr((name, address), charset=encoding) if name else address)
+            else:
+                parts.append(sanitize_address((name, address) if name else address, encoding))
+        return parts
+
+    def envelope_recipients(self, encoding: str) -> list[str]:
+        """Bare addresses for RCPT TO (what Django's SMTP backend would compute)."""
+        pairs = getattr(self, "to_pairs", None)
+        if pairs and not self.cc and not self.bcc:
+            return [sanitize(address, encoding) for _, address in pairs]
+        return [sanitize(address, encoding) for address in self.recipients()]
+
     def message(self, **kwargs) -> _Built:
         if self._bytes is None:
             encoding = self.encoding or "utf-8"
@@ -129,13 +162,13 @@ class PreparedEmail(EmailMultiAlternatives):
                 if k.lower() not in ("message-id", "from", "to", "subject", "reply-to", "date")
             }
             self._bytes = build(
-                from_header=_sanitize_constant(self.from_email, encoding),
-                to_header=", ".join(sanitize_address(a, encoding) for a in self.to),
+                from_header=sanitize_cached(self.from_email, encoding),
+                to_header=", ".join(self.to_header_parts(encoding)),
                 subject=self.subject,
                 text=self.body,
                 html=self.html,
                 message_id=self.message_id,
                 headers=headers,
-                reply_to=", ".join(_sanitize_constant(a, encoding) for a in self.reply_to) or None,
+                reply_to=", ".join(sanitize_cached(a, encoding) for a in self.reply_to) or None,
             )
         return _Built(self._bytes)

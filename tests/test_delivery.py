@@ -368,3 +368,19 @@ def test_anymail_api_error_is_retried(broker, settings, monkeypatch):
     message.refresh_from_db()
     assert message.status == MessageStatus.QUEUED
     assert "503" in message.last_error
+
+
+def test_non_ascii_display_name_and_plain_address_survive_the_fast_smtp_path(smtp, broker):
+    from mailer.models import Contact
+
+    contact = Contact.objects.create(email="zoe@example.com", name="Zoë Ærøskøbing, Jr.")
+    queue("zoe@example.com", contact=contact)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 1
+
+    (received,) = smtp.to("zoe@example.com")
+    parsed = received.parsed()
+    assert received.rcpt_tos == ["zoe@example.com"]
+    assert parsed["To"].addresses[0].display_name == "Zoë Ærøskøbing, Jr."
+    assert parsed["To"].addresses[0].addr_spec == "zoe@example.com"
+    assert not [part.defects for part in parsed.walk() if part.defects]

@@ -624,7 +624,7 @@ class CampaignAdmin(admin.ModelAdmin):
 
 def report_rows(campaign: Campaign, r: dict):
     """The report as CSV rows, every text cell formula-safe."""
-    safe = suppressions.csv_safe
+    safe = contacts.csv_safe
     yield ["campaign", safe(campaign.name)]
     yield ["status", campaign.status]
     yield []

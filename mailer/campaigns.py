@@ -160,7 +160,7 @@ def resume(campaign: Campaign, *, by=None) -> Campaign:
     """Carry on where it stopped; messages already sent are never sent again."""
     from .delivery import kick
 
-    if ReputationPause.objects.filter(active=True).exists():
+    if marketing_paused():
         raise CampaignError("Marketing is paused by the reputation guard; lift that pause first.")
     before = campaign.transitions.filter(to_status=S.PAUSED).order_by("-at", "-id").first()
     campaign.refresh_from_db(fields=["winner"])

@@ -227,10 +227,13 @@ def _upsert(batch: dict[str, dict], report: ContactImportReport) -> None:
         )
 
 
-def _csv_safe(value: object) -> str:
-    from .suppressions import csv_safe
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
-    return csv_safe(value)
+
+def csv_safe(value: object) -> str:
+    """A cell a spreadsheet will not run as a formula (OWASP CSV injection)."""
+    text = "" if value is None else str(value)
+    return f"'{text}" if text.startswith(_FORMULA_START) else text
 
 
 def export_rows(queryset: QuerySet) -> Iterator[list[str]]:
@@ -239,15 +242,15 @@ def export_rows(queryset: QuerySet) -> Iterator[list[str]]:
     for contact in queryset.order_by("pk").prefetch_related("tags").iterator(chunk_size=2000):
         tags = ";".join(sorted(tag.name for tag in contact.tags.all()))
         yield [
-            _csv_safe(contact.email),
-            _csv_safe(contact.name),
-            _csv_safe(contact.language),
-            _csv_safe(contact.timezone),
+            csv_safe(contact.email),
+            csv_safe(contact.name),
+            csv_safe(contact.language),
+            csv_safe(contact.timezone),
             contact.consent,
             contact.consent_at.isoformat() if contact.consent_at else "",
-            _csv_safe(contact.consent_source),
+            csv_safe(contact.consent_source),
             contact.verified_at.isoformat() if contact.verified_at else "",
-            _csv_safe(tags),
-            _csv_safe(json.dumps(contact.attributes, ensure_ascii=False)),
+            csv_safe(tags),
+            csv_safe(json.dumps(contact.attributes, ensure_ascii=False)),
             contact.created_at.isoformat(),
         ]

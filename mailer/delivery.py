@@ -14,7 +14,6 @@ import random
 import smtplib
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import formataddr
@@ -29,6 +28,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from . import conf, rendering, tracking, unsubscribe
+from .campaigns import marketing_paused
 from .exceptions import (
     HeaderInjection,
     PermanentSendError,
@@ -45,7 +45,6 @@ from .models import (
     Kind,
     Message,
     MessageStatus,
-    ReputationPause,
     Suppression,
 )
 from .ratelimit import chunk_size, redis_client, reserve
@@ -130,7 +129,7 @@ def claim_due(queue: str, size: int) -> list[Message]:
         Q(send_after__isnull=True) | Q(send_after__lte=now)
     )
     if queue == Kind.CAMPAIGN:
-        if ReputationPause.objects.filter(active=True).exists():
+        if marketing_paused():
             return []
         due = due.filter(Q(campaign__isnull=True) | Q(campaign__status__in=RUNNING_CAMPAIGN))
     with transaction.atomic():
@@ -159,7 +158,7 @@ def _stopped_campaigns(messages: list[Message]) -> set[int]:
     ids = {m.campaign_id for m in messages if m.campaign_id}
     if not ids:
         return set()
-    if ReputationPause.objects.filter(active=True).exists():
+    if marketing_paused():
         return ids
     running = Campaign.objects.filter(pk__in=ids, status__in=RUNNING_CAMPAIGN)
     return ids - set(running.values_list("pk", flat=True))
@@ -656,16 +655,13 @@ def _schedule_retries(messages: list[Message]) -> tuple[set[int], int]:
 def release_due(limit: int = 10_000) -> int:
     """Hand scheduled messages whose time has come to the broker."""
     now = timezone.now()
-    by_kind: dict[str, int] = defaultdict(int)
     ids = list(Message.objects.due(now).values_list("id", "kind")[:limit])
     if not ids:
         return 0
     released = Message.objects.filter(
         pk__in=[pk for pk, _ in ids], status=MessageStatus.SCHEDULED
     ).update(status=MessageStatus.QUEUED, queued_at=now)
-    for _, kind in ids:
-        by_kind[kind] += 1
-    for queue in {queue_for(kind) for kind in by_kind}:
+    for queue in {queue_for(kind) for _, kind in ids}:
         kick(queue)
     return released
 

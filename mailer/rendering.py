@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import css_inline
-from django.conf import settings
 from django.template import engines
 from inscriptis import get_text
 from inscriptis.css_profiles import CSS_PROFILES
@@ -446,7 +445,3 @@ def check_header(name: str, value: str) -> None:
 
 def site_url() -> str:
     return conf.get("SITE_URL").rstrip("/")
-
-
-def default_from_email() -> str:
-    return conf.from_email() or settings.DEFAULT_FROM_EMAIL

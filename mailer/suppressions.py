@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from django.db import IntegrityError, transaction
 
-from .contacts import clean_address
+from .contacts import clean_address, csv_safe
 from .exceptions import ImportFileError, MailerError
 from .models import Kind, Message, MessageStatus, Suppression
 
@@ -71,13 +71,6 @@ def resubscribe(address: str) -> int:
 # --- CSV ---------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("email", "scope", "reason", "source", "note", "created_at")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_safe(value: object) -> str:
-    """A cell a spreadsheet will not run as a formula (OWASP CSV injection)."""
-    text = "" if value is None else str(value)
-    return f"'{text}" if text.startswith(_FORMULA_START) else text
 
 
 def export_csv(queryset: Iterable[Suppression], out: io.TextIOBase) -> int:

@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -291,7 +292,9 @@ class Campaign(models.Model):
     winner_metric = models.CharField(
         max_length=20, choices=Metric.choices, default=Metric.UNIQUE_CLICK_RATE
     )
-    test_window = models.DurationField(default=timedelta(hours=4))
+    test_window = models.DurationField(
+        default=timedelta(hours=4), validators=[MinValueValidator(timedelta(minutes=1))]
+    )
     tie_rule = models.CharField(max_length=20, choices=TieRule.choices, default=TieRule.VARIANT_A)
     test_ends_at = models.DateTimeField(null=True, blank=True)
     test_extended = models.BooleanField(default=False)
@@ -319,7 +322,11 @@ class Variant(models.Model):
     """One arm of an A/B test: differs in subject, sender name, or template."""
 
     campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="variants")
-    label = models.CharField(max_length=1, help_text="A to E.")
+    label = models.CharField(
+        max_length=1,
+        validators=[RegexValidator(r"^[A-E]$", "A variant is labelled A to E.")],
+        help_text="A to E.",
+    )
     subject = models.CharField(max_length=500, blank=True, help_text="Empty: the template's.")
     from_name = models.CharField(max_length=200, blank=True)
     template = models.ForeignKey(

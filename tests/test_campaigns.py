@@ -1338,3 +1338,23 @@ def test_send_now_on_a_scheduled_campaign_brings_the_time_forward(
     last = campaign.transitions.order_by("-at", "-id").first()
     assert (last.from_status, last.to_status) == ("scheduled", "scheduled")
     assert last.note.startswith("send now")
+
+
+@pytest.mark.parametrize("label", ["Z", "a", "1", ""])
+def test_a_variant_label_outside_a_to_e_is_refused(newsletter, label):
+    from django.core.exceptions import ValidationError
+
+    campaign = make_campaign(newsletter)
+    with pytest.raises(ValidationError) as caught:
+        Variant(campaign=campaign, label=label).full_clean()
+    assert "label" in caught.value.message_dict
+
+
+def test_an_ab_test_window_under_a_minute_is_refused(newsletter):
+    from django.core.exceptions import ValidationError
+
+    campaign = make_campaign(newsletter)
+    campaign.test_window = timedelta(seconds=0)
+    with pytest.raises(ValidationError) as caught:
+        campaign.full_clean()
+    assert "test_window" in caught.value.message_dict

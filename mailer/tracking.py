@@ -17,7 +17,17 @@ from functools import lru_cache
 
 from django.core import signing
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import (
+    Case,
+    DateTimeField,
+    F,
+    OuterRef,
+    Q,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce, Least
 from django.urls import reverse
 from django.utils import timezone
 
@@ -61,10 +71,43 @@ class TrackingError(MailerError):
     """A tracking link or pixel that is forged, altered or unknown."""
 
 
-def advance_status(message_id: int, status: str) -> bool:
-    """Move a message to ``status`` if that is forward; returns whether it moved."""
-    lower = [s for s, rank in RANK.items() if rank < RANK[status]]
-    return bool(Message.objects.filter(pk=message_id, status__in=lower).update(status=status))
+#: The message column that keeps when each kind of event first happened (see Message).
+FIRST_AT = {
+    Event.Type.DELIVERED: "delivered_at",
+    Event.Type.OPENED: "opened_at",
+    Event.Type.CLICKED: "clicked_at",
+    Event.Type.BOUNCED: "bounced_at",
+    Event.Type.COMPLAINED: "complained_at",
+}
+
+
+def apply_to_message(message_id: int, event_type: str, timestamp: datetime) -> None:
+    """Move the status forward and keep the event's first time: one UPDATE per event.
+
+    The earliest time wins and the status only climbs, so replayed or reordered events
+    leave the same row. Only events by people come here (not scanners' opens/clicks).
+    """
+    changes = {}
+    status = EVENT_STATUS.get(event_type)
+    if status is not None:
+        lower = [s for s, rank in RANK.items() if rank < RANK[status]]
+        changes["status"] = Case(When(status__in=lower, then=Value(status)), default=F("status"))
+    column = FIRST_AT.get(event_type)
+    if column is not None:
+        at = Value(timestamp, output_field=DateTimeField())
+        changes[column] = Coalesce(Least(F(column), at), at)  # SQLite's MIN(NULL, x) is NULL
+    if changes:
+        Message.objects.filter(pk=message_id).update(**changes)
+
+
+def restamp(message_id: int, event_type: str) -> None:
+    """Recompute a first-event time after some of the message's events were re-flagged."""
+    first = (
+        Event.objects.filter(message=OuterRef("pk"), event_type=event_type, automated=False)
+        .order_by("timestamp")
+        .values("timestamp")[:1]
+    )
+    Message.objects.filter(pk=message_id).update(**{FIRST_AT[event_type]: Subquery(first)})
 
 
 # --- ESP events ----------------------------------------------------------------------------
@@ -196,9 +239,8 @@ def record(event, esp: str) -> Event | None:
     )
     if not insert_once(stored):
         return None  # seen before: a replayed webhook changes nothing
-    status = EVENT_STATUS.get(stored.event_type)
-    if message is not None and status is not None:
-        advance_status(message.pk, status)
+    if message is not None:
+        apply_to_message(message.pk, stored.event_type, stored.timestamp)
     apply_policy(stored, reject_reason=event.reject_reason)
     return stored
 
@@ -431,6 +473,7 @@ def record_own(hit: Hit, *, event_type: str, method: str, user_agent: str) -> Ev
             Q(message=hit.message, event_type=Event.Type.CLICKED, automated=False),
             timestamp__gte=now - timedelta(seconds=float(conf.get("CLICK_BURST_SECONDS"))),
         ).update(automated=True, automated_reason=reason)
+        restamp(hit.message.pk, event_type)
     if not reason:
-        advance_status(hit.message.pk, EVENT_STATUS[event_type])
+        apply_to_message(hit.message.pk, event_type, now)
     return event

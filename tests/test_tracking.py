@@ -78,7 +78,8 @@ def test_click_redirects_to_the_recorded_url_and_counts_once_human(smtp, broker,
     click = Event.objects.get(event_type=Event.Type.CLICKED)
     assert (click.message_id, click.automated) == (message.pk, False)
     assert click.link.url == "https://example.com/one?a=1&b=2"
-    assert Message.objects.get(pk=message.pk).status == MessageStatus.CLICKED
+    message = Message.objects.get(pk=message.pk)
+    assert (message.status, message.clicked_at) == (MessageStatus.CLICKED, click.timestamp)
 
 
 def test_tampered_click_token_gets_400_and_no_redirect(smtp, broker, promo):
@@ -110,8 +111,10 @@ def test_open_pixel_records_an_open_and_returns_a_gif(smtp, broker, promo):
     assert response["Content-Type"] == "image/gif"
     assert response.content.startswith(b"GIF89a")
     assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
-    assert Event.objects.get(event_type=Event.Type.OPENED).automated is False
-    assert Message.objects.get(pk=message.pk).status == MessageStatus.OPENED
+    opened = Event.objects.get(event_type=Event.Type.OPENED)
+    assert opened.automated is False
+    message = Message.objects.get(pk=message.pk)
+    assert (message.status, message.opened_at) == (MessageStatus.OPENED, opened.timestamp)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +137,8 @@ def test_automatic_clicks_are_kept_but_flagged(smtp, broker, promo, method, agen
     click = Event.objects.get(event_type=Event.Type.CLICKED)
     assert click.automated is True
     assert click.automated_reason == reason
-    assert Message.objects.get(pk=message.pk).status == MessageStatus.SENT
+    message = Message.objects.get(pk=message.pk)
+    assert (message.status, message.clicked_at) == (MessageStatus.SENT, None)
 
 
 def test_a_click_seconds_after_delivery_is_flagged(smtp, broker, promo):
@@ -163,6 +167,8 @@ def test_every_link_clicked_at_once_flags_the_whole_burst(smtp, broker, promo):
     assert all(
         c.automated and c.automated_reason == "several links clicked at once" for c in clicks
     )
+    # The first click looked human when it came; the burst takes it back out of reports.
+    assert Message.objects.get(pk=message.pk).clicked_at is None
 
 
 def test_transactional_mail_is_never_tracked(smtp, broker):
@@ -201,9 +207,30 @@ def test_own_tracking_is_off_when_an_esp_sends(broker, promo, settings):
 
 def test_status_only_moves_forward():
     message = MessageFactory(status=MessageStatus.CLICKED)
-    assert tracking.advance_status(message.pk, MessageStatus.OPENED) is False
-    assert tracking.advance_status(message.pk, MessageStatus.BOUNCED) is True
-    assert tracking.advance_status(message.pk, MessageStatus.DELIVERED) is False
-    assert tracking.advance_status(message.pk, MessageStatus.COMPLAINED) is True
-    assert tracking.advance_status(message.pk, MessageStatus.BOUNCED) is False
-    assert Message.objects.get(pk=message.pk).status == MessageStatus.COMPLAINED
+    now = timezone.now()
+
+    def after(event_type: str) -> str:
+        tracking.apply_to_message(message.pk, event_type, now)
+        return Message.objects.get(pk=message.pk).status
+
+    assert after(Event.Type.OPENED) == MessageStatus.CLICKED
+    assert after(Event.Type.BOUNCED) == MessageStatus.BOUNCED
+    assert after(Event.Type.DELIVERED) == MessageStatus.BOUNCED
+    assert after(Event.Type.COMPLAINED) == MessageStatus.COMPLAINED
+    assert after(Event.Type.BOUNCED) == MessageStatus.COMPLAINED
+
+
+def test_first_event_times_keep_the_earliest_whatever_the_order():
+    message = MessageFactory(status=MessageStatus.SENT)
+    t0 = timezone.now().replace(microsecond=0)
+    later, earlier = t0 + timedelta(minutes=5), t0 + timedelta(minutes=1)
+
+    tracking.apply_to_message(message.pk, Event.Type.OPENED, later)
+    tracking.apply_to_message(message.pk, Event.Type.OPENED, earlier)
+    tracking.apply_to_message(message.pk, Event.Type.OPENED, later)
+    tracking.apply_to_message(message.pk, Event.Type.DELIVERED, t0)
+
+    message.refresh_from_db()
+    assert (message.delivered_at, message.opened_at) == (t0, earlier)
+    assert message.clicked_at is message.bounced_at is message.complained_at is None
+    assert message.status == MessageStatus.OPENED

@@ -22,8 +22,9 @@ import redis
 from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
 from django.core.mail import get_connection
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
+from django.db import connection as db_connection
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Q, Value, When, prefetch_related_objects
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
@@ -117,6 +118,28 @@ def _clear_kick(kind: str) -> None:
 # --- Claiming ---------------------------------------------------------------------------
 
 
+# The CTE is materialized: a plain ``id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` may
+# be re-run by the planner as the inner side of a join and claim more than n rows.
+_CLAIM_SQL = """
+WITH due AS MATERIALIZED (
+     SELECT id FROM mailer_message
+      WHERE kind = ANY(%(kinds)s) AND status = %(queued)s
+        AND (send_after IS NULL OR send_after <= %(now)s) {running}
+      ORDER BY id LIMIT %(size)s
+        FOR UPDATE SKIP LOCKED)
+UPDATE mailer_message AS m
+   SET status = %(sending)s, claim_token = %(token)s, claimed_at = %(now)s,
+       attempts = m.attempts + 1
+  FROM due
+ WHERE m.id = due.id AND m.status = %(queued)s
+RETURNING m.*
+"""
+_RUNNING_SQL = (
+    "AND (campaign_id IS NULL OR campaign_id IN "
+    "(SELECT id FROM mailer_campaign WHERE status = ANY(%(running)s)))"
+)
+
+
 def claim_due(queue: str, size: int) -> list[Message]:
     """Atomically move up to ``size`` due queued messages to sending, oldest first.
 
@@ -125,12 +148,33 @@ def claim_due(queue: str, size: int) -> list[Message]:
     """
     now = timezone.now()
     token = uuid.uuid4()
+    campaign_queue = queue == Kind.CAMPAIGN
+    if campaign_queue and marketing_paused():
+        return []
+    if db_connection.vendor == "postgresql":
+        # One statement (lock, mark, return the rows) instead of a transaction of three.
+        params = {
+            "sending": MessageStatus.SENDING,
+            "queued": MessageStatus.QUEUED,
+            "token": token,
+            "now": now,
+            "kinds": list(QUEUE_KINDS[queue]),
+            "size": size,
+            "running": list(RUNNING_CAMPAIGN),
+        }
+        sql = _CLAIM_SQL.format(running=_RUNNING_SQL if campaign_queue else "")
+        claimed = sorted(Message.objects.raw(sql, params), key=lambda m: m.pk)
+    else:
+        claimed = _claim_portable(queue, size, now, token)
+    prefetch_related_objects(claimed, "contact", "campaign", "variant")
+    return claimed
+
+
+def _claim_portable(queue: str, size: int, now: datetime, token: uuid.UUID) -> list[Message]:
     due = Message.objects.filter(kind__in=QUEUE_KINDS[queue], status=MessageStatus.QUEUED).filter(
         Q(send_after__isnull=True) | Q(send_after__lte=now)
     )
     if queue == Kind.CAMPAIGN:
-        if marketing_paused():
-            return []
         due = due.filter(Q(campaign__isnull=True) | Q(campaign__status__in=RUNNING_CAMPAIGN))
     with transaction.atomic():
         ids = list(
@@ -146,11 +190,7 @@ def claim_due(queue: str, size: int) -> list[Message]:
             claimed_at=now,
             attempts=F("attempts") + 1,
         )
-    return list(
-        Message.objects.filter(pk__in=ids, claim_token=token).select_related(
-            "contact", "campaign", "variant"
-        )
-    )
+    return list(Message.objects.filter(pk__in=ids, claim_token=token).order_by("id"))
 
 
 def _stopped_campaigns(messages: list[Message]) -> set[int]:
@@ -538,32 +578,60 @@ def _provider_id(email: PreparedEmail) -> str:
     return email.message_id
 
 
+_RECORD_SENT_SQL = """
+UPDATE mailer_message AS m
+   SET status = CASE WHEN m.status = %(sending)s THEN %(sent)s ELSE m.status END,
+       sent_at = %(now)s, last_error = '', provider_message_id = v.pid
+  FROM unnest(%(ids)s::bigint[], %(pids)s::text[]) AS v(id, pid)
+ WHERE m.id = v.id
+"""
+
+
 def _record_sent(sent: list[tuple[Message, str]], now: datetime) -> None:
+    """Mark sent, keeping any status a webhook already moved the message on to.
+
+    Transactional messages also get a ``sent`` event for their history; campaign mail
+    does not (``sent_at`` says it), which spares a million-recipient campaign a million
+    event rows.
+    """
     if not sent:
         return
-    ids = [m.pk for m, _ in sent]
-    # A webhook may have moved a message on (delivered) before this update: keep that.
-    Message.objects.filter(pk__in=ids).update(
-        status=Case(
-            When(status=MessageStatus.SENDING, then=Value(MessageStatus.SENT)),
-            default=F("status"),
-        ),
-        sent_at=now,
-        last_error="",
-        provider_message_id=Case(
-            *[When(pk=m.pk, then=Value(pid)) for m, pid in sent], default=F("provider_message_id")
-        ),
-    )
+    if db_connection.vendor == "postgresql":
+        # Django's form is a CASE with one WHEN per message: ~0.25 ms of CPU each.
+        with db_connection.cursor() as cursor:
+            cursor.execute(
+                _RECORD_SENT_SQL,
+                {
+                    "ids": [m.pk for m, _ in sent],
+                    "pids": [pid for _, pid in sent],
+                    "sending": MessageStatus.SENDING,
+                    "sent": MessageStatus.SENT,
+                    "now": now,
+                },
+            )
+    else:
+        Message.objects.filter(pk__in=[m.pk for m, _ in sent]).update(
+            status=Case(
+                When(status=MessageStatus.SENDING, then=Value(MessageStatus.SENT)),
+                default=F("status"),
+            ),
+            sent_at=now,
+            last_error="",
+            provider_message_id=Case(
+                *[When(pk=m.pk, then=Value(pid)) for m, pid in sent],
+                default=F("provider_message_id"),
+            ),
+        )
     Event.objects.bulk_create(
         [
             Event(
                 message=m,
-                campaign_id=m.campaign_id,
                 event_type=Event.Type.SENT,
                 recipient=m.to_email,
                 timestamp=now,
             )
             for m, _ in sent
+            if m.kind == Kind.TRANSACTIONAL
         ]
     )
 

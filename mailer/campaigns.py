@@ -451,19 +451,15 @@ def tally(campaign: Campaign) -> dict[int | None, dict[str, int]]:
     """Per variant (None without one): message figures in one pass over the messages.
 
     Unique opens, clicks, deliveries, bounces and complaints are the first-event times
-    ``tracking`` keeps on each message, so no query counts DISTINCT over the events.
+    ``tracking`` keeps on each message, so no query counts DISTINCT over the events; and
+    grouping by status costs less than a filtered count per figure.
     """
     rows = (
         Message.objects.filter(campaign=campaign)
-        .values("variant")
+        .values("variant", "status")
         .annotate(
-            recipients=Count("pk"),
-            sent=Count("pk", filter=Q(status__in=SENT_STATUSES)),
+            n=Count("*"),
             sent_at=Count("sent_at"),
-            waiting=Count("pk", filter=Q(status__in=WAITING_STATUSES)),
-            failed=Count("pk", filter=Q(status=MessageStatus.FAILED)),
-            suppressed=Count("pk", filter=Q(status=MessageStatus.SUPPRESSED)),
-            cancelled=Count("pk", filter=Q(status=MessageStatus.CANCELLED)),
             delivered=Count("delivered_at"),
             opened=Count("opened_at"),
             clicked=Count("clicked_at"),
@@ -472,7 +468,24 @@ def tally(campaign: Campaign) -> dict[int | None, dict[str, int]]:
         )
         .order_by()
     )
-    return {row.pop("variant"): row for row in rows}
+    by_status = {
+        "sent": SENT_STATUSES,
+        "waiting": WAITING_STATUSES,
+        "failed": (MessageStatus.FAILED,),
+        "suppressed": (MessageStatus.SUPPRESSED,),
+        "cancelled": (MessageStatus.CANCELLED,),
+    }
+    figures: dict[int | None, dict[str, int]] = {}
+    for row in rows:
+        variant, status, n = row.pop("variant"), row.pop("status"), row.pop("n")
+        into = figures.setdefault(variant, dict.fromkeys(["recipients", *by_status, *row], 0))
+        into["recipients"] += n
+        for name, statuses in by_status.items():
+            if status in statuses:
+                into[name] += n
+        for name, count in row.items():
+            into[name] += count
+    return figures
 
 
 def variant_stats(campaign: Campaign, figures: dict | None = None) -> list[ArmStats]:
@@ -621,14 +634,16 @@ def report(campaign: Campaign) -> dict:
     totals = {name: sum(row[name] for row in per_variant.values()) for name in names}
     recipients, sent, failed = totals["recipients"], totals["sent"], totals["failed"]
     events = Event.objects.filter(campaign=campaign)
+    # Counting timestamps (never NULL), not ids: the (campaign, event_type, timestamp,
+    # automated) index then answers alone, without reading the events themselves.
     engagement = list(
         events.filter(event_type__in=(Event.Type.OPENED, Event.Type.CLICKED))
         .annotate(hour=TruncHour("timestamp"))
         .values("hour")
         .annotate(
-            opens=Count("pk", filter=Q(event_type=Event.Type.OPENED, automated=False)),
-            clicks=Count("pk", filter=Q(event_type=Event.Type.CLICKED, automated=False)),
-            automated=Count("pk", filter=Q(automated=True)),
+            opens=Count("timestamp", filter=Q(event_type=Event.Type.OPENED, automated=False)),
+            clicks=Count("timestamp", filter=Q(event_type=Event.Type.CLICKED, automated=False)),
+            automated=Count("timestamp", filter=Q(automated=True)),
         )
         .order_by("hour")
     )

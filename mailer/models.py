@@ -556,9 +556,15 @@ class Event(models.Model):
     description = models.TextField(blank=True)
     bounce = models.CharField(max_length=4, choices=Bounce.choices, blank=True, default="")
     link = models.ForeignKey(Link, null=True, blank=True, on_delete=models.SET_NULL)
-    # Copied from the message so campaign reports aggregate without a join.
+    # Copied from the message so campaign reports aggregate without a join. Indexed by
+    # (campaign, event_type, …) below.
     campaign = models.ForeignKey(
-        Campaign, null=True, blank=True, on_delete=models.CASCADE, related_name="events"
+        Campaign,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="events",
+        db_index=False,
     )
     automated = models.BooleanField(
         default=False, help_text="Looks like a scanner or proxy, not a person; left out of rates."
@@ -571,7 +577,11 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=("event_type", "timestamp"), name="mailer_event_type_ts"),
             models.Index(fields=("recipient", "timestamp"), name="mailer_event_rcpt_ts"),
-            models.Index(fields=("campaign", "event_type"), name="mailer_event_campaign_type"),
+            # Covers the report's hourly opens and clicks: an index-only scan.
+            models.Index(
+                fields=("campaign", "event_type", "timestamp", "automated"),
+                name="mailer_event_campaign_type_ts",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -436,6 +436,10 @@ def test_drain_sends_each_recipient_once_and_the_campaign_finishes(smtp, audienc
     assert email["List-Unsubscribe"]
     assert POSTAL in email.get_body(("html",)).get_content()
     assert statuses(campaign) == Counter({MessageStatus.SENT: 3})
+    sent = Message.objects.filter(campaign=campaign)
+    assert all(m.sent_at and m.provider_message_id.startswith("<") for m in sent)
+    # sent_at is the record: no per-recipient 'sent' event for a million-recipient campaign
+    assert not Event.objects.filter(message__campaign=campaign).exists()
     assert campaigns.finish_campaigns() == 1
     campaign.refresh_from_db()
     assert campaign.status == S.SENT

@@ -124,6 +124,11 @@ class MessageAdmin(admin.ModelAdmin):
         "queued_at",
         "claimed_at",
         "sent_at",
+        "delivered_at",
+        "opened_at",
+        "clicked_at",
+        "bounced_at",
+        "complained_at",
         "updated_at",
         "preview",
     )
@@ -146,6 +151,10 @@ class MessageAdmin(admin.ModelAdmin):
                     "updated_at",
                 )
             },
+        ),
+        (
+            "First events (people, not scanners)",
+            {"fields": ("delivered_at", "opened_at", "clicked_at", "bounced_at", "complained_at")},
         ),
         ("Preview", {"fields": ("preview",)}),
     )

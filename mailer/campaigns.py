@@ -25,6 +25,7 @@ from .models import (
     Message,
     MessageStatus,
     ReputationPause,
+    Suppression,
     Variant,
 )
 
@@ -327,8 +328,9 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
     """
     now = now or timezone.now()
     variants = list(campaign.variants.all())
-    audience = segments.audience(campaign, now=now)
-    bounds = audience.aggregate(low=Min("pk"), high=Max("pk"))
+    _fresh_statistics()
+    # The ends of the contact id index; each chunk then selects its own audience.
+    bounds = Contact.objects.aggregate(low=Min("pk"), high=Max("pk"))
     if bounds["low"] is None:
         return 0
     seed = campaign.pk * 7
@@ -343,17 +345,30 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
     low = bounds["low"] - 1
     while low < bounds["high"]:
         high = low + CHUNK
-        ids_sql, ids_params = (
-            audience.filter(pk__gt=low, pk__lte=high).values("pk").query.sql_with_params()
-        )
+        chunk = segments.audience(campaign, now=now, within=(low, high))
+        ids_sql, ids_params = chunk.values("pk").query.sql_with_params()
         created += _insert_chunk(
-            campaign, variants, phase, ids_sql, ids_params, condition, seed, now
+            campaign, variants, phase, ids_sql, [*ids_params, low, high], condition, seed, now
         )
         low = high
     total = Message.objects.filter(campaign=campaign).count()
     Campaign.objects.filter(pk=campaign.pk).update(recipients=total)
     logger.info("mailer: campaign %s materialized %d messages (%s)", campaign.pk, created, phase)
     return created
+
+
+def _fresh_statistics() -> None:
+    """ANALYZE the tables an audience reads (PostgreSQL; ~0.3 s at a million contacts).
+
+    Contacts imported minutes ago may have no statistics yet, and without them the
+    planner nests loops over each chunk's id ranges: quadratic in the chunk size.
+    """
+    if connection.vendor != "postgresql":
+        return
+    tables = (Contact, Contact.tags.through, Suppression)
+    names = ", ".join(connection.ops.quote_name(t._meta.db_table) for t in tables)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {names}")
 
 
 def _insert_chunk(campaign, variants, phase, ids_sql, ids_params, condition, seed, now) -> int:
@@ -399,7 +414,7 @@ def _insert_chunk(campaign, variants, phase, ids_sql, ids_params, condition, see
         SELECT {uuid_sql}, 'campaign', 'queued', c.email, c.id, {template_col}, %s, {variant_col},
                {slug_col}, {lang_col}, '{{}}', '{{}}', '', 0, '', '', %s, %s, %s
         FROM mailer_contact c
-        WHERE c.id IN ({ids_sql}) AND {condition}
+        WHERE c.id IN ({ids_sql}) AND c.id > %s AND c.id <= %s AND {condition}
         ON CONFLICT DO NOTHING
     """  # noqa: S608
     params = [campaign.pk, *select_params, now, now, now, *ids_params]

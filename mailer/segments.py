@@ -194,22 +194,39 @@ def rule_q(rule: SegmentRule, now: datetime | None = None) -> Q:
 
 
 def contacts(
-    segment: Segment, *, now: datetime | None = None, _seen: frozenset = frozenset()
+    segment: Segment,
+    *,
+    now: datetime | None = None,
+    within: tuple[int, int] | None = None,
+    _seen: frozenset = frozenset(),
 ) -> QuerySet:
-    """Every contact the segment selects, as one queryset (subqueries, no Python loop)."""
+    """Every contact the segment selects, as one queryset (subqueries, no Python loop).
+
+    ``within`` (low, high] limits every level, nested segments too, to a range of contact
+    ids: a materialization chunk then reads that range of each index, not every contact.
+    """
     if segment.pk in _seen:
         raise SegmentError(f"Segment {segment.name!r} includes itself.")
     seen = _seen | {segment.pk}
-    queryset = Contact.objects.all()
+    queryset = _base(within)
     rules = [rule_q(rule, now) for rule in segment.rules.all()]
     if rules:
         queryset = queryset.filter(
             reduce(and_ if segment.match == Segment.Match.ALL else or_, rules)
         )
     for included in segment.include_segments.all():
-        queryset = queryset.filter(pk__in=contacts(included, now=now, _seen=seen).values("pk"))
+        nested = contacts(included, now=now, within=within, _seen=seen)
+        queryset = queryset.filter(pk__in=nested.values("pk"))
     for excluded in segment.exclude_segments.all():
-        queryset = queryset.exclude(pk__in=contacts(excluded, now=now, _seen=seen).values("pk"))
+        nested = contacts(excluded, now=now, within=within, _seen=seen)
+        queryset = queryset.exclude(pk__in=nested.values("pk"))
+    return queryset
+
+
+def _base(within: tuple[int, int] | None) -> QuerySet:
+    queryset = Contact.objects.order_by()
+    if within is not None:
+        queryset = queryset.filter(pk__gt=within[0], pk__lte=within[1])
     return queryset
 
 
@@ -217,14 +234,19 @@ def count(segment: Segment) -> int:
     return contacts(segment).count()
 
 
-def audience(campaign: Campaign, *, now: datetime | None = None) -> QuerySet:
-    """Who a campaign may mail: in its segments, not excluded, consented, not suppressed."""
-    included = [contacts(s, now=now).values("pk") for s in campaign.segments.all()]
+def audience(
+    campaign: Campaign, *, now: datetime | None = None, within: tuple[int, int] | None = None
+) -> QuerySet:
+    """Who a campaign may mail: in its segments, not excluded, consented, not suppressed.
+
+    ``within`` limits it to a range of contact ids, as in ``contacts``.
+    """
+    included = [contacts(s, now=now, within=within).values("pk") for s in campaign.segments.all()]
     if not included:
         return Contact.objects.none()
-    queryset = Contact.objects.filter(reduce(or_, (Q(pk__in=ids) for ids in included)))
+    queryset = _base(within).filter(reduce(or_, (Q(pk__in=ids) for ids in included)))
     for excluded in campaign.exclude_segments.all():
-        queryset = queryset.exclude(pk__in=contacts(excluded, now=now).values("pk"))
+        queryset = queryset.exclude(pk__in=contacts(excluded, now=now, within=within).values("pk"))
     return queryset.filter(consent=Contact.Consent.GRANTED).exclude(
         Exists(Suppression.objects.filter(email=OuterRef("email")))
     )

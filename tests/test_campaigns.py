@@ -416,6 +416,29 @@ def test_launching_or_materializing_twice_adds_nobody(audience):
     assert Campaign.objects.get(pk=campaign.pk).recipients == 3
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_small_chunks_materialize_the_same_audience(monkeypatch, newsletter, chunk):
+    """Each chunk evaluates the segments, nested ones too, on its own range of ids."""
+    monkeypatch.setattr(campaigns, "CHUNK", chunk)
+    people = add_contacts(30)  # "Reader 0" … "Reader 29"
+    german = Segment.objects.create(name="German")
+    SegmentRule.objects.create(segment=german, field="language", operator="eq", value="de")
+    readers = Segment.objects.create(name="Readers", match=Segment.Match.ANY)
+    SegmentRule.objects.create(segment=readers, field="name", operator="contains", value="1")
+    SegmentRule.objects.create(segment=readers, field="name", operator="contains", value="3")
+    readers.exclude_segments.add(german)
+    Contact.objects.filter(pk__in=[people[i].pk for i in (1, 10, 14)]).update(language="de")
+    for i in (3, 23):
+        Suppression.objects.create(email=people[i].email, scope=Suppression.Scope.ALL)
+
+    campaign = launched(make_campaign(newsletter, readers))
+
+    expected = {f"reader{i}@example.com" for i in (11, 12, 13, 15, 16, 17, 18, 19, 21)}
+    mailed = list(Message.objects.filter(campaign=campaign).values_list("to_email", flat=True))
+    assert sorted(mailed) == sorted(expected)
+    assert set(segments.audience(campaign).values_list("email", flat=True)) == expected
+
+
 def test_the_audience_matches_what_launch_materializes(audience):
     expected = sorted(segments.audience(audience).values_list("email", flat=True))
 

@@ -43,7 +43,6 @@ TRANSITIONS: dict[str, set[str]] = {
     S.SENT: set(),
     S.CANCELLED: set(),
 }
-RUNNING = (S.SENDING, S.TESTING)
 WAITING_STATUSES = (MessageStatus.QUEUED, MessageStatus.SCHEDULED, MessageStatus.SENDING)
 #: Statuses of a message that left us (whatever happened to it afterwards).
 SENT_STATUSES = (
@@ -428,7 +427,7 @@ def finish_campaigns(now: datetime | None = None) -> int:
     now = now or timezone.now()
     finished = 0
     pending = Message.objects.filter(status__in=WAITING_STATUSES)
-    for campaign in Campaign.objects.filter(status__in=(S.SENDING, S.TESTING)):
+    for campaign in Campaign.objects.running():
         if pending.filter(campaign=campaign).exists():
             continue
         if campaign.status == S.SENDING:

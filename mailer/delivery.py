@@ -40,6 +40,7 @@ from .exceptions import (
 )
 from .mime import PreparedEmail, sanitize_cached
 from .models import (
+    RUNNING_CAMPAIGN,
     Campaign,
     CampaignStatus,
     Event,
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 KICK_TTL_MS = 2000
 
-RUNNING_CAMPAIGN = (CampaignStatus.SENDING, CampaignStatus.TESTING)
 #: How often a worker re-reads its campaigns' state while sending a batch.
 STATE_CHECK_SECONDS = 1.0
 

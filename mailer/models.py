@@ -238,12 +238,16 @@ class CampaignStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+#: A campaign in these statuses may send; workers re-check it before every chunk.
+RUNNING_CAMPAIGN = (CampaignStatus.SENDING, CampaignStatus.TESTING)
+
+
 class CampaignQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> CampaignQuerySet:
         return self.filter(status=CampaignStatus.SCHEDULED, send_at__lte=now or timezone.now())
 
     def running(self) -> CampaignQuerySet:
-        return self.filter(status__in=(CampaignStatus.SENDING, CampaignStatus.TESTING))
+        return self.filter(status__in=RUNNING_CAMPAIGN)
 
     def test_window_over(self, now: datetime | None = None) -> CampaignQuerySet:
         return self.filter(

@@ -84,8 +84,9 @@ def apply_to_message(message_id: int, event_type: str, timestamp: datetime) -> N
     status = EVENT_STATUS.get(event_type)
     if status is not None:
         params += [*_lower_ranks(status), status]
-    if event_type in FIRST_AT:
-        at = Message._meta.get_field("sent_at").get_db_prep_value(timestamp, connection)
+    column = FIRST_AT.get(event_type)
+    if column is not None:
+        at = Message._meta.get_field(column).get_db_prep_value(timestamp, connection)
         params += [at, at]
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, message_id])

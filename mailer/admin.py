@@ -15,7 +15,18 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from . import campaigns, contacts, delivery, rendering, segments, suppressions
+from . import (
+    abtest,
+    campaigns,
+    compose,
+    contacts,
+    outbox,
+    rendering,
+    reports,
+    reputation,
+    segments,
+    suppressions,
+)
 from .exceptions import ImportFileError, MailerError
 from .models import (
     Campaign,
@@ -166,7 +177,7 @@ class MessageAdmin(admin.ModelAdmin):
     def preview(self, obj: Message) -> str:
         try:
             source = rendering.find_template(obj.template_slug, obj.language)
-            rendered = rendering.compiled(source).render(delivery.message_context(obj))
+            rendered = rendering.compiled(source).render(compose.message_context(obj))
         except MailerError as exc:
             return format_html("<em>Cannot render this message: {}</em>", exc)
         return format_html(
@@ -179,7 +190,7 @@ class MessageAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry selected failed or cancelled messages")
     def retry_messages(self, request, queryset) -> None:
-        count = delivery.requeue(queryset)
+        count = outbox.requeue(queryset)
         skipped = queryset.count() - count
         self.message_user(
             request,
@@ -199,8 +210,26 @@ class MessageAdmin(admin.ModelAdmin):
             )
 
 
+class TemplateForm(forms.ModelForm):
+    """Shows a template error on its field; the pre_save receiver refuses it anyway."""
+
+    class Meta:
+        model = Template
+        fields = (
+            "slug", "language", "purpose", "description", "subject", "html", "text", "variables",
+        )  # fmt: skip
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        try:
+            rendering.validate_template(self.instance)
+        except MailerError as exc:
+            self.add_error(getattr(exc, "field", None), str(exc))
+
+
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
+    form = TemplateForm
     list_display = ("slug", "language", "purpose", "description", "version", "updated_at")
     list_filter = ("purpose", "language")
     search_fields = ("slug", "description", "subject")
@@ -323,8 +352,24 @@ class TagAdmin(admin.ModelAdmin):
     search_fields = ("name",)
 
 
+class SegmentRuleForm(forms.ModelForm):
+    class Meta:
+        model = SegmentRule
+        fields = ("field", "attribute", "operator", "value")
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        if self.cleaned_data.get("DELETE"):
+            return
+        try:
+            segments.validate_rule(self.instance)
+        except MailerError as exc:
+            self.add_error(getattr(exc, "field", None), str(exc))
+
+
 class SegmentRuleInline(admin.TabularInline):
     model = SegmentRule
+    form = SegmentRuleForm
     extra = 1
     fields = ("field", "attribute", "operator", "value")
 
@@ -513,7 +558,7 @@ class CampaignAdmin(admin.ModelAdmin):
     def report(self, obj: Campaign) -> str:
         if not obj.pk:
             return "—"
-        figures = campaigns.report(obj)
+        figures = reports.report(obj)
         return render_to_string(
             "admin/mailer/campaign/report.html",
             {"campaign": obj, "r": figures, "chart": chart(figures["timeline"])},
@@ -582,7 +627,7 @@ class CampaignAdmin(admin.ModelAdmin):
         if not self.has_change_permission(request, campaign):
             return HttpResponse(status=403)
         try:
-            chosen = campaigns.choose_winner(
+            chosen = abtest.choose_winner(
                 campaign, get_object_or_404(Variant, pk=variant), by=request.user
             )
         except MailerError as exc:
@@ -596,7 +641,7 @@ class CampaignAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request, campaign):
             return HttpResponse(status=403)
         return stream_csv(
-            report_rows(campaign, campaigns.report(campaign)), f"campaign-{pk}-report.csv"
+            report_rows(campaign, reports.report(campaign)), f"campaign-{pk}-report.csv"
         )
 
     def _bulk(self, request, queryset, action: str) -> None:
@@ -852,6 +897,6 @@ class ReputationPauseAdmin(admin.ModelAdmin):
     def lift(self, request, queryset):
         count = 0
         for row in queryset.filter(active=True):
-            campaigns.lift_reputation_pause(row, by=request.user)
+            reputation.lift_reputation_pause(row, by=request.user)
             count += 1
         self.message_user(request, ngettext("%d pause lifted.", "%d pauses lifted.", count) % count)

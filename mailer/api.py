@@ -8,14 +8,14 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from . import rendering
+from . import dispatch, outbox, rendering
+from .compose import message_context
 from .contacts import ContactImportReport, clean_address, import_csv
-from .delivery import kick_on_commit, message_context
 from .exceptions import HeaderInjection, InvalidContext, MailerError
-from .models import Contact, Kind, Message, MessageStatus, Suppression
+from .models import Kind, Message, MessageStatus, Queue, Suppression
+from .suppressions import suppress as add_suppression
 
 __all__ = ["send", "suppress", "import_contacts", "Message", "MailerError"]
 
@@ -49,7 +49,7 @@ def send(
     if send_at is not None and timezone.is_naive(send_at):
         send_at = timezone.make_aware(send_at)
 
-    contact, suppressed = _contact_and_suppression(address)
+    contact, suppressed = outbox.contact_and_suppression(address)
     source = rendering.find_template(template, language, contact.language if contact else None)
     message = Message(
         kind=Kind.TRANSACTIONAL,
@@ -73,17 +73,10 @@ def send(
     else:
         message.status, message.queued_at = MessageStatus.QUEUED, now
 
-    if idempotency_key is None:
-        message.save(force_insert=True)  # one round trip: nothing here can conflict
-    else:
-        try:
-            with transaction.atomic():
-                message.save(force_insert=True)
-        except IntegrityError:  # the same key, sent a moment ago by another request
-            return Message.objects.get(idempotency_key=idempotency_key)
-    if message.status == MessageStatus.QUEUED:
-        kick_on_commit(Kind.TRANSACTIONAL)
-    return message
+    stored = outbox.add(message)
+    if stored is message and message.status == MessageStatus.QUEUED:
+        dispatch.kick_on_commit(Queue.TRANSACTIONAL)
+    return stored
 
 
 def suppress(
@@ -93,10 +86,10 @@ def suppress(
 
     Waiting campaign and drip messages to it are cancelled at once.
     """
-    from .suppressions import suppress as add
-
     scope = Suppression.Scope.MARKETING if marketing_only else Suppression.Scope.ALL
-    _, created = add(email, scope=scope, reason=Suppression.Reason.MANUAL, source=source, note=note)
+    _, created = add_suppression(
+        email, scope=scope, reason=Suppression.Reason.MANUAL, source=source, note=note
+    )
     return created
 
 
@@ -107,36 +100,6 @@ def import_contacts(stream: BinaryIO, *, source: str) -> ContactImportReport:
     listed in the returned report's ``rejected`` by line number.
     """
     return import_csv(stream, source=source)
-
-
-def _contact_and_suppression(address: str) -> tuple[Contact | None, bool]:
-    """The address's contact, and whether it is suppressed for all mail, in one query.
-
-    The request path pays a round trip per query; the contact may not exist, so this is
-    a LEFT JOIN from a one-row table rather than two ORM lookups.
-    """
-    quote = connection.ops.quote_name
-    contacts, suppressions = quote(Contact._meta.db_table), quote(Suppression._meta.db_table)
-    sql = (
-        f"SELECT c.id, c.name, c.language, c.attributes, EXISTS ("  # noqa: S608 - table names only
-        f"SELECT 1 FROM {suppressions} s WHERE s.email = %s AND s.scope = %s) "
-        f"FROM (SELECT 1 AS one) AS one LEFT JOIN {contacts} c ON c.email = %s"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [address, Suppression.Scope.ALL, address])
-        pk, name, language, attributes, suppressed = cursor.fetchone()
-    if pk is None:
-        return None, bool(suppressed)
-    field = Contact._meta.get_field("attributes")
-    contact = Contact(
-        id=pk,
-        email=address,
-        name=name,
-        language=language,
-        attributes=field.from_db_value(attributes, None, connection) or {},
-    )
-    contact._state.adding, contact._state.db = False, connection.alias
-    return contact, bool(suppressed)
 
 
 def _json_mapping(value: Mapping[str, Any] | None, name: str) -> dict[str, Any]:

@@ -21,10 +21,20 @@ class MailerConfig(AppConfig):
             receivers.on_password_reset_requested, dispatch_uid="mailer.password_reset"
         )
         from anymail.signals import inbound, tracking
-        from django.db.models.signals import post_delete, post_save
+        from celery.signals import worker_process_init, worker_shutting_down
+        from django.db.models.signals import post_delete, post_save, pre_save
 
         from .models import Template
 
+        pre_save.connect(
+            receivers.on_template_saving, sender=Template, dispatch_uid="mailer.template_saving"
+        )
+        worker_shutting_down.connect(
+            receivers.on_worker_stopping, dispatch_uid="mailer.worker_stopping"
+        )
+        worker_process_init.connect(
+            receivers.on_pool_child_start, dispatch_uid="mailer.pool_child_start"
+        )
         for signal in (post_save, post_delete):
             signal.connect(
                 receivers.on_template_changed,

@@ -1,13 +1,46 @@
-"""Email backends mailer ships: an outbox of .eml files for development and demos."""
+"""Email backends mailer ships: a faster SMTP backend, and an outbox of .eml files.
+
+Hosts may name either in EMAIL_BACKEND; ``transport`` also upgrades Django's own SMTP
+backend to ``SMTPBackend`` (same settings, same behaviour, less CPU per email).
+"""
 
 from __future__ import annotations
 
 import os
+import smtplib
 import uuid
 from pathlib import Path
 
 from django.conf import settings
 from django.core.mail.backends.base import BaseEmailBackend
+from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
+
+from .mime import PreparedEmail, sanitize_cached
+
+
+class SMTPBackend(DjangoSMTPBackend):
+    """Django's SMTP backend, sending a ``PreparedEmail``'s ready bytes as they are.
+
+    Django's ``_send`` parses the sender and every recipient again for each email (about
+    0.25 ms); a PreparedEmail already has its bytes and bare addresses. Anything else
+    goes through Django's own path.
+    """
+
+    def _send(self, email_message) -> bool:
+        if not isinstance(email_message, PreparedEmail) or email_message.cc or email_message.bcc:
+            return super()._send(email_message)
+        encoding = email_message.encoding or settings.DEFAULT_CHARSET
+        try:
+            self.connection.sendmail(
+                sanitize_cached(email_message.from_email, encoding),
+                email_message.envelope_recipients(encoding),
+                email_message.message().as_bytes(linesep="\r\n"),
+            )
+        except smtplib.SMTPException:
+            if not self.fail_silently:
+                raise
+            return False
+        return True
 
 
 class OutboxBackend(BaseEmailBackend):

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
-#: name → (task, every N seconds). Beat's DatabaseScheduler reads these rows.
-SCHEDULE: dict[str, tuple[str, int]] = {
-    "mailer: release scheduled messages": ("mailer.tasks.release_due_messages", 15),
-    "mailer: recover stuck messages": ("mailer.tasks.recover_stuck_messages", 60),
-    "mailer: launch due campaigns": ("mailer.tasks.launch_due_campaigns", 30),
-    "mailer: campaign housekeeping": ("mailer.tasks.campaign_housekeeping", 60),
-    "mailer: reputation guard": ("mailer.tasks.reputation_guard", 300),
+import json
+
+#: name → (task, every N seconds, arguments). Beat's DatabaseScheduler reads these rows.
+#: Recovery and release run once per queue, on that queue, so each queue's workers look
+#: after their own mail: a dead worker's claims come back within the lease plus 15 s.
+SCHEDULE: dict[str, tuple[str, int, list]] = {
+    "mailer: release scheduled messages": (
+        "mailer.tasks.release_due_messages",
+        15,
+        ["transactional"],
+    ),
+    "mailer: release scheduled campaign messages": (
+        "mailer.tasks.release_due_messages",
+        15,
+        ["campaign"],
+    ),
+    "mailer: recover stuck messages": (
+        "mailer.tasks.recover_stuck_messages",
+        15,
+        ["transactional"],
+    ),
+    "mailer: recover stuck campaign messages": (
+        "mailer.tasks.recover_stuck_messages",
+        15,
+        ["campaign"],
+    ),
+    "mailer: launch due campaigns": ("mailer.tasks.launch_due_campaigns", 30, []),
+    "mailer: campaign housekeeping": ("mailer.tasks.campaign_housekeeping", 60, []),
+    "mailer: reputation guard": ("mailer.tasks.reputation_guard", 300, []),
 }
 
 
@@ -17,9 +39,15 @@ def install_schedule(periodic_task_model, interval_model) -> int:
 
     Takes the models as arguments so a migration can pass its historical models.
     """
-    for name, (task, seconds) in SCHEDULE.items():
+    for name, (task, seconds, args) in SCHEDULE.items():
         interval, _ = interval_model.objects.get_or_create(every=seconds, period="seconds")
         periodic_task_model.objects.update_or_create(
-            name=name, defaults={"task": task, "interval": interval, "enabled": True}
+            name=name,
+            defaults={
+                "task": task,
+                "interval": interval,
+                "args": json.dumps(args),
+                "enabled": True,
+            },
         )
     return len(SCHEDULE)

@@ -38,11 +38,12 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             )
         )
     lease = float(conf.get("SENDING_LEASE"))
-    if limit is not None and lease <= limit:
+    if lease < 10:
         errors.append(
             checks.Error(
-                f"MAILER['SENDING_LEASE'] ({lease:.0f}s) must exceed CELERY_TASK_TIME_LIMIT "
-                f"({limit:.0f}s), or recovery may resend mail a live worker is sending.",
+                f"MAILER['SENDING_LEASE'] ({lease:.0f}s) must be at least 10 seconds: a live "
+                "worker renews its claims every third of it, and a lease that lapses between "
+                "two renewals lets recovery resend mail that worker is sending.",
                 id="mailer.E004",
             )
         )

@@ -6,8 +6,10 @@ Values are read at call time, never at import, so ``override_settings`` works.
 from __future__ import annotations
 
 import re
+from email.utils import formataddr
 from typing import Any
 
+from anymail.utils import get_anymail_setting
 from django.conf import settings
 
 from .exceptions import MailerConfigurationError
@@ -30,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     # Messages a worker claims and sends over one connection at a time.
     "BATCH_SIZE": 100,
     # A drain task hands over to a fresh task after this many seconds.
-    "DRAIN_SECONDS": 30,
+    "DRAIN_SECONDS": 15,
     # Delivery attempts before a transient failure becomes final.
     "MAX_ATTEMPTS": 5,
     # Retry delay: BASE * 2**(attempt-1), capped at MAX, with +-JITTER fraction.
@@ -40,12 +42,18 @@ DEFAULTS: dict[str, Any] = {
     # Longest countdown handed to the broker; later sends wait in the DB for beat.
     # Must stay below the broker's visibility timeout (checked, mailer.E003).
     "MAX_COUNTDOWN": 300,
-    # A message left in "sending" longer than this is recovered by beat.
-    "SENDING_LEASE": 600,
+    # Seconds a claim lasts unless renewed; a live worker renews it every third of this,
+    # so a dead worker's claims are recovered (by beat) within this plus a beat interval.
+    "SENDING_LEASE": 30,
     # A message due and "queued" this long without a claim wakes a worker again.
-    "QUEUED_LEASE": 120,
-    # What recovery does with a message that may or may not have left: "retry" or "fail".
+    "QUEUED_LEASE": 60,
+    # What recovery does with the one email a dead worker may have sent: "retry" or "fail".
+    # Its untried claims are always queued again.
     "STUCK_POLICY": "retry",
+    # How long a worker waits for a lost database before giving up on a batch.
+    "DATABASE_WAIT": 120,
+    # How long sending waits for an unreachable rate-limit store before handing back.
+    "RATE_STORE_WAIT": 60,
     # Email verification links stay valid this many seconds.
     "VERIFY_MAX_AGE": 3 * 24 * 3600,
     # Seconds a process reuses a template lookup (other processes see edits this late).
@@ -175,13 +183,14 @@ def from_address() -> str:
 
 def from_email() -> str:
     """The From header: 'Name <address>' built from FROM_NAME and FROM_EMAIL."""
-    from email.utils import formataddr
-
     name = get("FROM_NAME")
     return formataddr((name, from_address())) if name else from_address()
 
 
-# Task name → mailer queue kind. Celery routes through route_task, the one place.
+# Task name → the queue it runs on. Celery routes through route_task, the one place.
+# PER_QUEUE tasks take the queue they serve as their first argument and run on it, so
+# a queue's recovery never waits for the other queue's workers.
+PER_QUEUE = "per-queue"
 TASK_QUEUES = {
     "mailer.tasks.drain_transactional": "transactional",
     "mailer.tasks.drain_campaign": "campaign",
@@ -189,14 +198,17 @@ TASK_QUEUES = {
     "mailer.tasks.launch_due_campaigns": "campaign",
     "mailer.tasks.campaign_housekeeping": "campaign",
     "mailer.tasks.reputation_guard": "campaign",
-    "mailer.tasks.release_due_messages": "transactional",
-    "mailer.tasks.recover_stuck_messages": "transactional",
+    "mailer.tasks.release_due_messages": PER_QUEUE,
+    "mailer.tasks.recover_stuck_messages": PER_QUEUE,
 }
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
     """Celery router: put mailer's tasks on the queue named in MAILER['QUEUES']."""
     kind = TASK_QUEUES.get(name)
+    if kind == PER_QUEUE:
+        served = (list(args or ()) or [(kwargs or {}).get("queue")])[0]
+        kind = served if served in ("transactional", "campaign") else "transactional"
     return {"queue": queue_name(kind)} if kind else None
 
 
@@ -218,9 +230,14 @@ def task_time_limit() -> float | None:
     return float(limit) if limit else None
 
 
+def email_backend() -> str:
+    """Django's EMAIL_BACKEND, as a dotted path."""
+    return str(getattr(settings, "EMAIL_BACKEND", ""))
+
+
 def esp_tracks() -> bool:
     """True when an anymail ESP sends (and tracks opens and clicks itself)."""
-    return str(getattr(settings, "EMAIL_BACKEND", "")).startswith("anymail.")
+    return email_backend().startswith("anymail.")
 
 
 def track_opens() -> bool:
@@ -235,8 +252,6 @@ def track_clicks() -> bool:
 
 def webhook_secret() -> str | None:
     """anymail's WEBHOOK_SECRET ("user:password"), read the way anymail reads it."""
-    from anymail.utils import get_anymail_setting
-
     return get_anymail_setting("webhook_secret", default=None)
 
 

@@ -61,7 +61,15 @@ class SendError(MailerError):
 
 
 class TransientSendError(SendError):
-    """Connection refused, SMTP 4xx, ESP 5xx or 429: retry with backoff."""
+    """This email could not go now (SMTP 4xx for the recipient, an unknown error): retry
+    with backoff, a bounded number of times."""
+
+
+class ServiceUnavailable(TransientSendError):
+    """The server or ESP cannot be reached, dropped the connection, or is throttling.
+
+    An outage is not the email's fault: it waits, and its attempts are not used up.
+    """
 
 
 class PermanentSendError(SendError):

@@ -103,6 +103,10 @@ class _Built:
     def __bytes__(self) -> bytes:
         return self._data
 
+    def get_charset(self) -> None:
+        """Django's console backend asks; the parts carry their own UTF-8 charset."""
+        return None
+
 
 # An ASCII addr-spec with nothing to quote or encode: sanitize_address returns it as is.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"

@@ -17,6 +17,28 @@ class Kind(models.TextChoices):
     CAMPAIGN = "campaign", "Campaign"
     DRIP = "drip", "Drip"
 
+    @classmethod
+    def marketing(cls) -> tuple[Kind, ...]:
+        """Mail a person can unsubscribe from; it carries unsubscribe links and headers."""
+        return (cls.CAMPAIGN, cls.DRIP)
+
+
+class Queue(models.TextChoices):
+    """The two Celery queues; each carries its own kinds of mail under its own limits."""
+
+    TRANSACTIONAL = "transactional", "Transactional"
+    CAMPAIGN = "campaign", "Campaign"
+
+    @classmethod
+    def for_kind(cls, kind: str) -> Queue:
+        return cls.TRANSACTIONAL if kind == Kind.TRANSACTIONAL else cls.CAMPAIGN
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        if self is Queue.TRANSACTIONAL:
+            return (Kind.TRANSACTIONAL,)
+        return Kind.marketing()
+
 
 class Tag(models.Model):
     """A label on contacts, for segments."""
@@ -115,18 +137,11 @@ class Template(models.Model):
         return f"{self.slug} ({self.language})"
 
     def save(self, *args, **kwargs):
-        # Caught on save, not on send: a broken template never reaches the outbox.
-        from .rendering import validate_template
-
-        validate_template(self)
+        # Validated by a pre_save receiver (mailer.receivers): a broken template never
+        # reaches the outbox, whoever saves it.
         if self.pk:
             self.version += 1
         super().save(*args, **kwargs)
-
-    def clean(self) -> None:
-        from .rendering import validate_template
-
-        validate_template(self)
 
     @property
     def declared_variables(self) -> set[str]:
@@ -221,11 +236,6 @@ class SegmentRule(models.Model):
         )
         return f"{subject} {self.get_operator_display()} {self.value}".strip()
 
-    def clean(self) -> None:
-        from .segments import validate_rule
-
-        validate_rule(self)
-
 
 class CampaignStatus(models.TextChoices):
     DRAFT = "draft", "Draft"
@@ -237,9 +247,10 @@ class CampaignStatus(models.TextChoices):
     PAUSED = "paused", "Paused"
     CANCELLED = "cancelled", "Cancelled"
 
-
-#: A campaign in these statuses may send; workers re-check it before every chunk.
-RUNNING_CAMPAIGN = (CampaignStatus.SENDING, CampaignStatus.TESTING)
+    @classmethod
+    def running(cls) -> tuple[CampaignStatus, ...]:
+        """A campaign in these statuses may send; workers check it before every email."""
+        return (cls.SENDING, cls.TESTING)
 
 
 class CampaignQuerySet(models.QuerySet):
@@ -247,7 +258,7 @@ class CampaignQuerySet(models.QuerySet):
         return self.filter(status=CampaignStatus.SCHEDULED, send_at__lte=now or timezone.now())
 
     def running(self) -> CampaignQuerySet:
-        return self.filter(status__in=RUNNING_CAMPAIGN)
+        return self.filter(status__in=CampaignStatus.running())
 
     def test_window_over(self, now: datetime | None = None) -> CampaignQuerySet:
         return self.filter(
@@ -371,6 +382,11 @@ class CampaignTransition(models.Model):
         return f"{self.from_status} → {self.to_status}"
 
 
+class ReputationPauseQuerySet(models.QuerySet):
+    def in_force(self) -> ReputationPauseQuerySet:
+        return self.filter(active=True)
+
+
 class ReputationPause(models.Model):
     """Marketing stopped by the reputation guard; lifted only by a person."""
 
@@ -382,6 +398,8 @@ class ReputationPause(models.Model):
     lifted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+
+    objects = ReputationPauseQuerySet.as_manager()
 
     class Meta:
         ordering = ("-created_at",)
@@ -404,6 +422,25 @@ class MessageStatus(models.TextChoices):
     SUPPRESSED = "suppressed", "Suppressed"
     CANCELLED = "cancelled", "Cancelled"
 
+    @classmethod
+    def unsent(cls) -> tuple[MessageStatus, ...]:
+        """Not yet handed to a worker: cancelling or suppressing stops these."""
+        return (cls.SCHEDULED, cls.QUEUED)
+
+    @classmethod
+    def waiting(cls) -> tuple[MessageStatus, ...]:
+        """Not finished: a campaign with any of these is still sending."""
+        return (cls.SCHEDULED, cls.QUEUED, cls.SENDING)
+
+    @classmethod
+    def left(cls) -> tuple[MessageStatus, ...]:
+        """The email left us, whatever happened to it afterwards."""
+        return (cls.SENT, cls.DELIVERED, cls.OPENED, cls.CLICKED, cls.BOUNCED, cls.COMPLAINED)
+
+    @classmethod
+    def retryable(cls) -> tuple[MessageStatus, ...]:
+        return (cls.FAILED, cls.CANCELLED)
+
 
 class MessageQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> MessageQuerySet:
@@ -423,7 +460,10 @@ class MessageQuerySet(models.QuerySet):
         )
 
     def retryable(self) -> MessageQuerySet:
-        return self.filter(status__in=(MessageStatus.FAILED, MessageStatus.CANCELLED))
+        return self.filter(status__in=MessageStatus.retryable())
+
+    def for_queue(self, queue: str) -> MessageQuerySet:
+        return self.filter(kind__in=Queue(queue).kinds)
 
 
 class Message(models.Model):
@@ -469,7 +509,11 @@ class Message(models.Model):
     send_after = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     queued_at = models.DateTimeField(null=True, blank=True)
+    # The lease: a live worker renews it; one that stops renewing has its claim recovered.
     claimed_at = models.DateTimeField(null=True, blank=True)
+    # When this attempt went to the backend; NULL while claimed and not tried yet, so a
+    # dead worker's untried claims go back untouched and only its last one is in doubt.
+    attempted_at = models.DateTimeField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     # The first event of each kind (opens and clicks by people only, not scanners), kept
     # on the message so a million-recipient report is one pass over its messages instead

@@ -15,6 +15,7 @@ import redis
 from django.db import transaction
 
 from . import conf
+from .models import RateBucket
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def _reserve_redis(client: redis.Redis, queue_kind: str, rate: float, tokens: in
 
 
 def _reserve_db(queue_kind: str, rate: float, tokens: int) -> float:
-    from .models import RateBucket
-
     burst = burst_for(rate)
     name = conf.queue_name(queue_kind)
     with transaction.atomic():

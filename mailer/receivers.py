@@ -1,8 +1,12 @@
 """Signal receivers: each calls one function in the concern's module."""
 
 import logging
+import os
+import signal
 
-from . import accounts, rendering, tracking, unsubscribe
+from billiard.process import active_children
+
+from . import accounts, delivery, rendering, tracking, unsubscribe
 
 logger = logging.getLogger(__name__)
 
@@ -32,3 +36,33 @@ def on_inbound(sender, event, esp_name, **kwargs) -> None:
 
 def on_template_changed(sender, **kwargs) -> None:
     rendering.forget_templates()
+
+
+def on_template_saving(sender, instance, **kwargs) -> None:
+    """Caught on save, not on send: a broken template never reaches the outbox."""
+    rendering.validate_template(instance)
+
+
+def on_worker_stopping(sender=None, **kwargs) -> None:
+    """Celery's warm shutdown began (main process): stop claiming here, and tell the pool
+    children, which Celery does not signal, to finish or hand back what they hold."""
+    delivery.request_stop()
+    for child in active_children():
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except (OSError, TypeError):
+            continue  # already gone
+
+
+def on_pool_child_start(**kwargs) -> None:
+    """A pool child: SIGTERM (forwarded above, or sent to the whole process group by
+    systemd or honcho) means finish the email on the wire, hand back the rest."""
+    signal.signal(signal.SIGTERM, _stop_or_exit)
+
+
+def _stop_or_exit(signum, frame) -> None:
+    if delivery.busy() and not delivery.stopping():
+        delivery.request_stop()
+    else:  # nothing held: exit as Celery's children always did
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)

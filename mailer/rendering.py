@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import conf
 from .exceptions import HeaderInjection, TemplateError, TemplateNotFound
+from .models import Template
 
 #: Names every template may use without declaring them.
 STANDARD_CONTEXT = frozenset(
@@ -266,8 +267,6 @@ def find_template(slug: str, *languages: str | None) -> Source:
 
 
 def _lookup_template(slug: str, candidates: list[str]) -> Source:
-    from .models import Template
-
     rows = {
         row.language: row
         for row in Template.objects.filter(slug=slug, language__in=candidates).only(

@@ -12,12 +12,10 @@ from django.db import IntegrityError, transaction
 
 from .contacts import clean_address, csv_safe
 from .exceptions import ImportFileError, MailerError
-from .models import Kind, Message, MessageStatus, Suppression
+from .models import Suppression
+from .outbox import cancel_waiting_marketing
 
 logger = logging.getLogger(__name__)
-
-MARKETING_KINDS = (Kind.CAMPAIGN, Kind.DRIP)
-WAITING = (MessageStatus.QUEUED, MessageStatus.SCHEDULED)
 
 
 def suppress(
@@ -52,13 +50,6 @@ def suppress(
             cancelled,
         )
     return suppression, created
-
-
-def cancel_waiting_marketing(address: str) -> int:
-    """Cancel queued or scheduled campaign and drip messages to an address."""
-    return Message.objects.filter(
-        to_email=address, kind__in=MARKETING_KINDS, status__in=WAITING
-    ).update(status=MessageStatus.CANCELLED, last_error="Address suppressed.")
 
 
 def resubscribe(address: str) -> int:

@@ -1,12 +1,12 @@
-"""Celery tasks: thin wrappers around the delivery module.
+"""Celery tasks: thin edges that call one function of the concern's module.
 
 Routing lives in ``mailer.conf.route_task`` (the CELERY_TASK_ROUTES of the host).
 """
 
 from celery import shared_task
 
-from . import campaigns, delivery
-from .models import Kind
+from . import abtest, campaigns, delivery, outbox, reputation
+from .models import Queue
 
 _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
 
@@ -14,25 +14,25 @@ _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": 
 @shared_task(name="mailer.tasks.drain_transactional", **_RELIABLE)
 def drain_transactional() -> int:
     """Send every due transactional message, batch by batch."""
-    return delivery.drain(Kind.TRANSACTIONAL)
+    return delivery.drain(Queue.TRANSACTIONAL)
 
 
 @shared_task(name="mailer.tasks.drain_campaign", **_RELIABLE)
 def drain_campaign() -> int:
     """Send every due campaign and drip message, batch by batch."""
-    return delivery.drain(Kind.CAMPAIGN)
+    return delivery.drain(Queue.CAMPAIGN)
 
 
 @shared_task(name="mailer.tasks.release_due_messages", **_RELIABLE)
-def release_due_messages() -> int:
-    """Beat: hand scheduled messages whose time has come to the workers."""
-    return delivery.release_due()
+def release_due_messages(queue: str | None = None) -> int:
+    """Beat: hand scheduled messages whose time has come to the queue's workers."""
+    return outbox.wake_due(queue)
 
 
 @shared_task(name="mailer.tasks.recover_stuck_messages", **_RELIABLE)
-def recover_stuck_messages() -> dict:
-    """Beat: recover messages a dead worker left in sending, wake workers for lost kicks."""
-    return delivery.recover_stuck()
+def recover_stuck_messages(queue: str | None = None) -> dict:
+    """Beat: recover a stopped worker's lapsed claims; wake workers for lost kicks."""
+    return outbox.recover_stuck(queue)
 
 
 @shared_task(name="mailer.tasks.launch_campaign", **_RELIABLE)
@@ -50,15 +50,10 @@ def launch_due_campaigns() -> int:
 @shared_task(name="mailer.tasks.campaign_housekeeping", **_RELIABLE)
 def campaign_housekeeping() -> dict:
     """Beat: pick A/B winners whose window ended; mark finished campaigns sent."""
-    return {"winners": campaigns.pick_due_winners(), "finished": campaigns.finish_campaigns()}
+    return {"winners": abtest.pick_due_winners(), "finished": campaigns.finish_campaigns()}
 
 
 @shared_task(name="mailer.tasks.reputation_guard", **_RELIABLE)
 def reputation_guard() -> bool:
     """Beat: pause marketing when bounce or complaint rates pass the thresholds."""
-    return campaigns.reputation_guard() is not None
-
-
-def drain_task(kind: str):
-    """The drain task for a kind of mail."""
-    return {Kind.TRANSACTIONAL: drain_transactional, Kind.CAMPAIGN: drain_campaign}[kind]
+    return reputation.reputation_guard() is not None

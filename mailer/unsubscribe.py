@@ -1,4 +1,4 @@
-"""Unsubscribing: signed per-address tokens, RFC 8058 headers, the preference choices."""
+"""Unsubscribing: reading the signed links ``compose`` makes, and the preference choices."""
 
 from __future__ import annotations
 
@@ -6,22 +6,18 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from django.core import signing
 from django.db import transaction
 from django.utils import timezone
 
-from . import conf
+from . import compose
 from .exceptions import MailerError
 from .models import Contact, Event, Message, Suppression
 from .suppressions import resubscribe, suppress
-from .tracking import route
 
 logger = logging.getLogger(__name__)
 
-# Its own salt: a verification or tracking token can never act as an unsubscribe token.
-_SALT = "mailer.unsubscribe"
 _TOKEN_IN_TEXT = re.compile(r"\.?[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+")
 
 
@@ -35,58 +31,15 @@ class Target:
     message_uuid: uuid.UUID | None
 
 
-def make_token(email: str, message_uuid: uuid.UUID | None = None) -> str:
-    """Signed, bound to one address (and the message, for reports); never expires."""
-    payload = {"e": email.strip().lower()}
-    if message_uuid is not None:
-        payload["m"] = message_uuid.hex
-    # Not compressed: zlib costs more than it saves on a 60-byte payload. loads() still
-    # reads tokens made compressed.
-    return signing.dumps(payload, salt=_SALT)
-
-
 def read_token(token: str) -> Target:
     try:
-        data = signing.loads(token, salt=_SALT)  # no max_age: links work for years
+        data = signing.loads(
+            token, salt=compose.UNSUBSCRIBE_SALT
+        )  # no max_age: links work for years
     except signing.BadSignature:
         raise InvalidUnsubscribeToken("This unsubscribe link is not valid.") from None
     message = data.get("m")
     return Target(email=data["e"], message_uuid=uuid.UUID(message) if message else None)
-
-
-@dataclass(frozen=True)
-class Links:
-    token: str
-    unsubscribe_url: str
-    preferences_url: str
-
-
-def links(email: str, message_uuid: uuid.UUID | None = None) -> Links:
-    """The token and absolute unsubscribe and preference URLs for an address."""
-    token = make_token(email, message_uuid)
-    base = conf.get("SITE_URL").rstrip("/")
-    return Links(
-        token=token,
-        unsubscribe_url=base + route("mailer:unsubscribe", token),
-        preferences_url=base + route("mailer:preferences", token),
-    )
-
-
-def mailto_address() -> str:
-    configured = conf.get("UNSUBSCRIBE_MAILTO")
-    if configured:
-        return configured
-    domain = conf.from_email().rsplit("@", 1)[-1].strip(">") or "localhost"
-    return f"unsubscribe@{domain}"
-
-
-def headers(found: Links) -> dict[str, str]:
-    """List-Unsubscribe (https + mailto) and List-Unsubscribe-Post (RFC 8058)."""
-    mailto = f"mailto:{mailto_address()}?subject={quote('unsubscribe ' + found.token)}"
-    return {
-        "List-Unsubscribe": f"<{found.unsubscribe_url}>, <{mailto}>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
 
 
 def unsubscribe(target: Target, *, source: str) -> bool:

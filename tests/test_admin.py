@@ -7,7 +7,7 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
 
-from mailer import tracking
+from mailer import outbox
 from mailer.models import Kind, Message, MessageStatus, Suppression, Template
 from tests.factories import MessageFactory, TemplateFactory
 
@@ -71,7 +71,7 @@ def test_message_change_page_shows_a_sandboxed_preview(admin_client):
 def test_message_change_page_shows_when_a_person_first_opened_and_clicked(admin_client):
     message = MessageFactory(status=MessageStatus.SENT)
     opened = timezone.now().replace(year=2026, month=3, day=4, hour=5, minute=6)
-    tracking.apply_to_message(message.pk, "opened", opened)
+    outbox.apply_event(message.pk, "opened", opened)
 
     response = admin_client.get(reverse("admin:mailer_message_change", args=[message.pk]))
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from mailer import api, delivery, rendering
+from mailer import api, outbox, rendering
 from mailer.exceptions import HeaderInjection, InvalidContext, InvalidRecipient, TemplateNotFound
 from mailer.models import Kind, Message, MessageStatus, Suppression
 from tests.factories import ContactFactory, MessageFactory, SuppressionFactory, TemplateFactory
@@ -101,13 +101,13 @@ def test_future_send_at_schedules_and_release_due_queues_it_once_due(broker):
     message.refresh_from_db()
     assert message.status == MessageStatus.SCHEDULED
     assert message.send_after == send_at
-    assert delivery.release_due() == 0
+    assert outbox.wake_due() == 0
     message.refresh_from_db()
     assert message.status == MessageStatus.SCHEDULED
 
     # The hour has passed.
     Message.objects.filter(pk=message.pk).update(send_after=timezone.now() - timedelta(seconds=1))
-    assert delivery.release_due() == 1
+    assert outbox.wake_due() == 1
 
     message.refresh_from_db()
     assert message.status == MessageStatus.QUEUED

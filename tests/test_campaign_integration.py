@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mailer import campaigns, delivery, tasks
+from mailer import campaigns, dispatch, tasks
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -169,7 +169,7 @@ def test_campaign_reaches_every_eligible_contact_exactly_once_and_a_relaunch_sen
         assert campaigns.launch(campaign.pk) == 0
         assert campaigns.materialize(campaign, phase="all") == 0
         tasks.launch_campaign.delay(campaign.pk)
-        delivery.kick(Kind.CAMPAIGN)
+        dispatch.kick(Kind.CAMPAIGN)
         wait_for(
             lambda: _launches_done(worker) == 2,
             message=f"the second launch task did not run:\n{worker.log()}",

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import uuid
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -15,7 +16,7 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
 
-from mailer import api, campaigns, delivery, segments, tracking
+from mailer import abtest, api, campaigns, compose, delivery, outbox, reports, reputation, segments
 from mailer.exceptions import CampaignError
 from mailer.models import (
     Campaign,
@@ -26,6 +27,7 @@ from mailer.models import (
     Kind,
     Message,
     MessageStatus,
+    Queue,
     ReputationPause,
     Segment,
     SegmentRule,
@@ -101,7 +103,9 @@ def launched(campaign: Campaign) -> Campaign:
 
 def send_some(count: int) -> int:
     """One worker batch: claim ``count`` campaign messages and send them."""
-    return delivery.send_batch(delivery.claim_due(Kind.CAMPAIGN, count), Kind.CAMPAIGN).sent
+    return delivery.send_batch(
+        outbox.claim(Queue.CAMPAIGN, count, uuid.uuid4()), Queue.CAMPAIGN
+    ).sent
 
 
 def recipients(smtp) -> Counter:
@@ -123,7 +127,7 @@ def event(message: Message, kind: str, *, at=None, automated=False, link=None, *
         **fields,
     )
     if not automated:
-        tracking.apply_to_message(message.pk, kind, stored.timestamp)
+        outbox.apply_event(message.pk, kind, stored.timestamp)
     return stored
 
 
@@ -514,11 +518,11 @@ def six(newsletter, everyone):
 
 def test_pause_stops_sending_and_releases_claimed_messages(smtp, six, admin_user):
     assert send_some(2) == 2
-    claimed = delivery.claim_due(Kind.CAMPAIGN, 2)
-    assert {m.attempts for m in claimed} == {1}
+    claimed = outbox.claim(Queue.CAMPAIGN, 2, uuid.uuid4())
+    assert {m.attempts for m in claimed} == {0}  # an attempt counts when it is tried
 
     campaigns.pause(six, by=admin_user, reason="checking a typo")
-    result = delivery.send_batch(claimed, Kind.CAMPAIGN)
+    result = delivery.send_batch(claimed, Queue.CAMPAIGN)
 
     assert result.sent == 0
     for message in Message.objects.filter(pk__in=[m.pk for m in claimed]):
@@ -534,9 +538,9 @@ def test_pause_stops_sending_and_releases_claimed_messages(smtp, six, admin_user
 
 def test_resume_sends_the_rest_and_nobody_twice(smtp, six):
     send_some(2)
-    claimed = delivery.claim_due(Kind.CAMPAIGN, 2)
+    claimed = outbox.claim(Queue.CAMPAIGN, 2, uuid.uuid4())
     campaigns.pause(six)
-    delivery.send_batch(claimed, Kind.CAMPAIGN)
+    delivery.send_batch(claimed, Queue.CAMPAIGN)
 
     campaigns.resume(six)
 
@@ -571,13 +575,13 @@ def test_cancel_cancels_unsent_messages_and_cannot_be_resumed(smtp, six, admin_u
 
 
 def test_messages_claimed_when_the_campaign_is_cancelled_end_up_cancelled(smtp, six):
-    claimed = delivery.claim_due(Kind.CAMPAIGN, 2)
+    claimed = outbox.claim(Queue.CAMPAIGN, 2, uuid.uuid4())
 
     campaigns.cancel(six)
-    delivery.send_batch(claimed, Kind.CAMPAIGN)
+    delivery.send_batch(claimed, Queue.CAMPAIGN)
 
     assert statuses(six) == Counter({MessageStatus.CANCELLED: 6})
-    assert campaigns.report(six)["pending"] == 0
+    assert reports.report(six)["pending"] == 0
     assert not smtp.messages
 
 
@@ -650,7 +654,7 @@ def test_send_test_mails_each_variant_once_outside_the_campaign_numbers(smtp, ne
     assert tests.count() == 2
     assert set(tests.values_list("campaign_id", flat=True)) == {None}
     assert not Message.objects.filter(campaign=campaign).exists()
-    report = campaigns.report(campaign)
+    report = reports.report(campaign)
     assert (report["recipients"], report["sent"]) == (0, 0)
     assert Campaign.objects.get(pk=campaign.pk).status == S.DRAFT
 
@@ -717,7 +721,7 @@ def test_test_group_and_the_rest_partition_the_audience(newsletter, everyone):
     campaign = launched(ab_campaign(newsletter, everyone, 500, 30))
     test_group = assignment(campaign)
 
-    campaigns.choose_winner(campaign, campaign.variants.get(label="B"))
+    abtest.choose_winner(campaign, campaign.variants.get(label="B"))
 
     everybody = assignment(campaign)
     assert len(everybody) == 500
@@ -754,10 +758,10 @@ def test_the_variant_with_the_best_human_click_rate_wins_after_the_window(smtp, 
     click_share(campaign, "A", 1.0, automated=True)  # link scanners must not make A win
     click_share(campaign, "B", 0.40)
 
-    assert campaigns.pick_due_winners(now=launched_at + timedelta(hours=3, minutes=59)) == 0
+    assert abtest.pick_due_winners(now=launched_at + timedelta(hours=3, minutes=59)) == 0
     assert Campaign.objects.get(pk=campaign.pk).winner is None
 
-    assert campaigns.pick_due_winners(now=launched_at + timedelta(hours=4, minutes=1)) == 1
+    assert abtest.pick_due_winners(now=launched_at + timedelta(hours=4, minutes=1)) == 1
 
     campaign.refresh_from_db()
     assert campaign.winner.label == "B"
@@ -798,7 +802,7 @@ def test_too_little_data_sends_variant_a_by_rule(smtp, newsletter, everyone):
     delivery.drain(Kind.CAMPAIGN)
     click_share(campaign, "B", 1.0)
 
-    assert campaigns.pick_due_winners(now=now + timedelta(hours=5)) == 1
+    assert abtest.pick_due_winners(now=now + timedelta(hours=5)) == 1
 
     campaign.refresh_from_db()
     assert campaign.winner.label == "A"
@@ -825,7 +829,7 @@ def tied(settings, smtp, newsletter, everyone):
 def test_a_tie_sends_variant_a_by_rule(tied):
     campaign, now = tied()
 
-    assert campaigns.pick_due_winners(now=now + timedelta(hours=5)) == 1
+    assert abtest.pick_due_winners(now=now + timedelta(hours=5)) == 1
 
     campaign.refresh_from_db()
     assert campaign.winner.label == "A"
@@ -839,7 +843,7 @@ def test_extend_once_extends_the_window_the_first_time_then_picks_a(tied):
     campaign, now = tied(tie_rule=Campaign.TieRule.EXTEND_ONCE)
     first = now + timedelta(hours=4, minutes=1)
 
-    assert campaigns.pick_due_winners(now=first) == 0
+    assert abtest.pick_due_winners(now=first) == 0
 
     campaign.refresh_from_db()
     assert campaign.winner is None
@@ -847,9 +851,9 @@ def test_extend_once_extends_the_window_the_first_time_then_picks_a(tied):
     assert campaign.test_ends_at == first + timedelta(hours=4)
     assert campaign.winner_reason["action"] == "extended once"
     assert "extended once (tie)" in campaign.transitions.last().note
-    assert campaigns.pick_due_winners(now=first + timedelta(hours=1)) == 0
+    assert abtest.pick_due_winners(now=first + timedelta(hours=1)) == 0
 
-    assert campaigns.pick_due_winners(now=first + timedelta(hours=4, minutes=1)) == 1
+    assert abtest.pick_due_winners(now=first + timedelta(hours=4, minutes=1)) == 1
 
     campaign.refresh_from_db()
     assert campaign.winner.label == "A"
@@ -862,7 +866,7 @@ def test_a_winner_can_be_chosen_by_hand_before_the_window_ends(newsletter, every
     test_size = Message.objects.filter(campaign=campaign).count()
     b = campaign.variants.get(label="B")
 
-    assert campaigns.choose_winner(campaign, b, by=admin_user) == b
+    assert abtest.choose_winner(campaign, b, by=admin_user) == b
 
     campaign.refresh_from_db()
     assert (campaign.winner, campaign.status) == (b, S.SENDING)
@@ -871,7 +875,7 @@ def test_a_winner_can_be_chosen_by_hand_before_the_window_ends(newsletter, every
     assert Message.objects.filter(campaign=campaign).count() == 200
     assert Message.objects.filter(campaign=campaign, variant=b).count() > 200 - test_size
     with pytest.raises(CampaignError, match="only while the A/B test runs"):
-        campaigns.choose_winner(campaign, campaign.variants.get(label="A"))
+        abtest.choose_winner(campaign, campaign.variants.get(label="A"))
 
 
 def test_a_variant_of_another_campaign_cannot_win(newsletter, everyone):
@@ -880,7 +884,7 @@ def test_a_variant_of_another_campaign_cannot_win(newsletter, everyone):
     other = make_campaign(newsletter, everyone, name="Other", variants=[("A", "x")])
 
     with pytest.raises(CampaignError, match="another campaign"):
-        campaigns.choose_winner(campaign, other.variants.get())
+        abtest.choose_winner(campaign, other.variants.get())
 
     campaign.refresh_from_db()
     assert (campaign.winner, campaign.status) == (None, S.TESTING)
@@ -900,7 +904,7 @@ def test_a_winner_chosen_while_paused_is_sent_after_resume(smtp, newsletter, eve
     campaign = launched(ab_campaign(newsletter, everyone, 50, 20))
     delivery.drain(Kind.CAMPAIGN)
     campaigns.pause(campaign)
-    campaigns.choose_winner(campaign, campaign.variants.get(label="B"))
+    abtest.choose_winner(campaign, campaign.variants.get(label="B"))
     assert Campaign.objects.get(pk=campaign.pk).status == S.PAUSED
     assert delivery.drain(Kind.CAMPAIGN) == 0
 
@@ -926,8 +930,8 @@ def mixed(smtp, newsletter, everyone):
     m = {msg.to_email: msg for msg in Message.objects.filter(campaign=campaign)}
     m = [m[f"reader{i}@example.com"] for i in range(10)]
     hour = timezone.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
-    sale = tracking.link_id("https://example.com/sale")
-    faq = tracking.link_id("https://example.com/faq")
+    sale = compose.link_id("https://example.com/sale")
+    faq = compose.link_id("https://example.com/faq")
     for message in m[:8]:
         event(message, Event.Type.DELIVERED, at=hour)
     event(m[0], Event.Type.DELIVERED, at=hour)  # a repeated webhook
@@ -956,7 +960,7 @@ def test_report_figures_equal_counts_from_messages_and_events(mixed):
     campaign, _ = mixed
     by_status = statuses(campaign)
 
-    report = campaigns.report(campaign)
+    report = reports.report(campaign)
 
     assert report["recipients"] == Message.objects.filter(campaign=campaign).count() == 10
     assert report["failed"] == by_status[MessageStatus.FAILED] == 1
@@ -980,7 +984,7 @@ def test_report_figures_equal_counts_from_messages_and_events(mixed):
 def test_report_timeline_buckets_human_opens_and_clicks_by_hour(mixed):
     campaign, hour = mixed
 
-    timeline = campaigns.report(campaign)["timeline"]
+    timeline = reports.report(campaign)["timeline"]
 
     assert timeline == [
         {"hour": hour, "opens": 2, "clicks": 2},
@@ -991,7 +995,7 @@ def test_report_timeline_buckets_human_opens_and_clicks_by_hour(mixed):
 def test_report_top_links_are_ordered_by_unique_human_clicks(mixed):
     campaign, _ = mixed
 
-    top = campaigns.report(campaign)["top_links"]
+    top = reports.report(campaign)["top_links"]
 
     assert top == [
         {"link__url": "https://example.com/sale", "clicks": 2},
@@ -1021,7 +1025,7 @@ def test_report_of_an_ab_test_shows_each_variant(newsletter, everyone, smtp):
     delivery.drain(Kind.CAMPAIGN)
     click_share(campaign, "B", 0.5)
 
-    variants = {v["label"]: v for v in campaigns.report(campaign)["variants"]}
+    variants = {v["label"]: v for v in reports.report(campaign)["variants"]}
 
     sent_b = Message.objects.filter(campaign=campaign, variant__label="B").count()
     assert variants["B"]["sent"] == sent_b
@@ -1050,7 +1054,7 @@ def test_complaints_above_the_threshold_pause_marketing_but_not_transactional_ma
     event(sent[0], Event.Type.COMPLAINED)
 
     with caplog.at_level(logging.ERROR, logger="mailer"):
-        pause_row = campaigns.reputation_guard()
+        pause_row = reputation.reputation_guard()
 
     running.refresh_from_db()
     assert running.status == S.PAUSED
@@ -1071,17 +1075,17 @@ def test_complaints_above_the_threshold_pause_marketing_but_not_transactional_ma
     assert len(smtp.to("customer@example.com")) == 1
 
     # Beat keeps running: nothing resumes the campaign by itself.
-    assert campaigns.reputation_guard() == pause_row
+    assert reputation.reputation_guard() == pause_row
     assert campaigns.finish_campaigns() == 0
     assert campaigns.launch_due() == 0
-    assert campaigns.pick_due_winners(now=timezone.now() + timedelta(days=1)) == 0
+    assert abtest.pick_due_winners(now=timezone.now() + timedelta(days=1)) == 0
     assert Campaign.objects.get(pk=running.pk).status == S.PAUSED
     assert ReputationPause.objects.filter(active=True).count() == 1
     with pytest.raises(CampaignError, match="reputation guard"):
         campaigns.resume(running)
     assert Campaign.objects.get(pk=running.pk).status == S.PAUSED
 
-    campaigns.lift_reputation_pause(pause_row, by=admin_user)
+    reputation.lift_reputation_pause(pause_row, by=admin_user)
     campaigns.resume(running)
 
     pause_row.refresh_from_db()
@@ -1099,7 +1103,7 @@ def test_hard_bounces_above_the_threshold_pause_the_campaign(running):
     for message in sent:
         event(message, Event.Type.BOUNCED, bounce=Event.Bounce.HARD)
 
-    campaigns.reputation_guard()
+    reputation.reputation_guard()
 
     running.refresh_from_db()
     assert running.status == S.PAUSED
@@ -1112,7 +1116,7 @@ def test_below_the_thresholds_nothing_is_paused(running):
     event(sent[1], Event.Type.BOUNCED, bounce=Event.Bounce.SOFT)
     event(sent[2], Event.Type.OPENED)
 
-    assert campaigns.reputation_guard() is None
+    assert reputation.reputation_guard() is None
 
     assert Campaign.objects.get(pk=running.pk).status == S.SENDING
     assert not ReputationPause.objects.exists()
@@ -1125,7 +1129,7 @@ def test_too_few_sends_never_trip_the_guard(settings, running):
     for message in sent[:5]:
         event(message, Event.Type.COMPLAINED)
 
-    assert campaigns.reputation_guard() is None
+    assert reputation.reputation_guard() is None
 
     assert Campaign.objects.get(pk=running.pk).status == S.SENDING
 
@@ -1134,14 +1138,14 @@ def test_complaints_outside_the_window_do_not_count(running):
     sent = Message.objects.filter(campaign=running, status=MessageStatus.SENT)
     event(sent[0], Event.Type.COMPLAINED, at=timezone.now() - timedelta(hours=30))
 
-    assert campaigns.reputation_guard() is None
+    assert reputation.reputation_guard() is None
 
     assert Campaign.objects.get(pk=running.pk).status == S.SENDING
 
 
 def test_the_admin_lift_action_lifts_the_pause_but_leaves_campaigns_paused(admin_client, running):
     event(Message.objects.filter(campaign=running, status=MessageStatus.SENT)[0], "complained")
-    pause_row = campaigns.reputation_guard()
+    pause_row = reputation.reputation_guard()
 
     response = admin_client.post(
         reverse("admin:mailer_reputationpause_changelist"),

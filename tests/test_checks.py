@@ -73,8 +73,8 @@ def test_visibility_timeout_within_task_time_limit_is_error_e003(redis_broker, s
     assert mailer_ids() == ["mailer.E003"]
 
 
-def test_sending_lease_within_task_time_limit_is_error_e004(redis_broker, settings):
-    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 300}
+def test_sending_lease_too_short_to_renew_is_error_e004(redis_broker, settings):
+    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 5}
 
     assert mailer_ids() == ["mailer.E004"]
 

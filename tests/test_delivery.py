@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -11,8 +12,8 @@ from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
 from django.core import mail
 from django.utils import timezone
 
-from mailer import api, delivery
-from mailer.exceptions import PermanentSendError, TransientSendError
+from mailer import api, compose, delivery, outbox, transport
+from mailer.exceptions import PermanentSendError, ServiceUnavailable, TransientSendError
 from mailer.models import Event, Kind, Message, MessageStatus, Suppression
 from tests.conftest import assert_well_formed
 from tests.factories import MessageFactory, SuppressionFactory
@@ -134,48 +135,69 @@ def test_recipient_deferred_with_450_is_retried_later(smtp, broker):
     assert message.attempts == 1
 
 
-def test_unreachable_server_retries_with_growing_backoff_then_fails(smtp, broker, settings):
-    mailer_settings(settings, MAX_ATTEMPTS=3, RETRY_BACKOFF_BASE=30, RETRY_JITTER=0)
+def test_unreachable_server_makes_mail_wait_with_growing_delays_never_fail(smtp, broker, settings):
+    mailer_settings(settings, MAX_ATTEMPTS=2, RETRY_BACKOFF_BASE=30, RETRY_JITTER=0)
+    transport.outage.recovered()
     messages = [queue("ada@example.com"), queue("bob@example.com")]
     smtp.stop()
 
-    delays = []
-    for attempt in (1, 2):
+    waits = []
+    for _ in range(4):  # twice past MAX_ATTEMPTS: an outage never uses attempts up
+        before = timezone.now()
         assert delivery.drain(Kind.TRANSACTIONAL) == 0
         for message in messages:
             message.refresh_from_db()
             assert message.status == MessageStatus.QUEUED
-            assert message.attempts == attempt
-            assert "Connection" in message.last_error
-        events = Event.objects.filter(event_type=Event.Type.DEFERRED, data__attempt=attempt)
-        delays.append({event.data["retry_in"] for event in events})
+            assert message.attempts == 0
+            assert message.claim_token is None
+            assert message.last_error.startswith("Waiting: Connection")
+        waits.append(round((messages[0].send_after - before).total_seconds()))
         make_due(*messages)
 
-    assert delays == [{30.0}, {60.0}]
-    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+    assert waits == [30, 60, 120, 240]
+    assert not Event.objects.filter(event_type=Event.Type.FAILED).exists()
+    smtp.start()
+    assert delivery.drain(Kind.TRANSACTIONAL) == 2
+    assert sorted(r for m in smtp.messages for r in m.rcpt_tos) == [
+        "ada@example.com",
+        "bob@example.com",
+    ]
     for message in messages:
         message.refresh_from_db()
-        assert message.status == MessageStatus.FAILED
-        assert message.attempts == 3
-        assert message.last_error.startswith("Gave up after 3 attempts")
-    assert Event.objects.filter(event_type=Event.Type.FAILED).count() == 2
-    # The server is back: the failed messages stay failed until someone retries them.
-    smtp.start()
-    assert delivery.drain(Kind.TRANSACTIONAL) == 0
-    assert smtp.messages == []
+        assert message.status == MessageStatus.SENT
+        assert message.attempts == 1
+
+
+def test_transient_refusals_stop_at_max_attempts_and_the_message_fails(smtp, broker, settings):
+    mailer_settings(settings, MAX_ATTEMPTS=2, RETRY_JITTER=0)
+    smtp.handler.refuse["busy@example.com"] = "451 4.3.0 Try later"
+    message = queue("busy@example.com")
+
+    delivery.drain(Kind.TRANSACTIONAL)
+    make_due(message)
+    delivery.drain(Kind.TRANSACTIONAL)
+
+    message.refresh_from_db()
+    assert message.status == MessageStatus.FAILED
+    assert message.attempts == 2
+    assert message.last_error.startswith("Gave up after 2 attempts")
+    assert list(message.events.order_by("id").values_list("event_type", flat=True)) == [
+        Event.Type.DEFERRED,
+        Event.Type.FAILED,
+    ]
 
 
 def test_retry_longer_than_max_countdown_waits_scheduled_in_the_database(smtp, broker, settings):
     mailer_settings(settings, RETRY_BACKOFF_BASE=600, RETRY_JITTER=0, MAX_COUNTDOWN=300)
-    message = queue("ada@example.com")
-    smtp.stop()
+    smtp.handler.refuse["busy@example.com"] = "452 4.2.2 Mailbox full"
+    message = queue("busy@example.com")
 
     delivery.drain(Kind.TRANSACTIONAL)
 
     message.refresh_from_db()
     assert message.status == MessageStatus.SCHEDULED
     make_due(message)
-    assert delivery.release_due() == 1
+    assert outbox.wake_due() == 1
     message.refresh_from_db()
     assert message.status == MessageStatus.QUEUED
 
@@ -230,95 +252,134 @@ def esp_error(status: int) -> AnymailAPIError:
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (smtplib.SMTPResponseException(421, b"4.7.0 Try again later"), TransientSendError),
+        (smtplib.SMTPResponseException(421, b"4.7.0 Try again later"), ServiceUnavailable),
+        (smtplib.SMTPResponseException(450, b"4.2.1 Busy"), TransientSendError),
         (smtplib.SMTPResponseException(554, b"5.7.1 Rejected"), PermanentSendError),
         (smtplib.SMTPSenderRefused(451, b"4.3.0 Busy", "noreply@mailer.test"), TransientSendError),
         (smtplib.SMTPDataError(552, b"5.3.4 Too big"), PermanentSendError),
         (smtplib.SMTPRecipientsRefused({"a@x.test": (550, b"No")}), PermanentSendError),
         (smtplib.SMTPRecipientsRefused({"a@x.test": (452, b"Full")}), TransientSendError),
-        (smtplib.SMTPServerDisconnected("gone"), TransientSendError),
-        (ConnectionRefusedError(111, "Connection refused"), TransientSendError),
-        (TimeoutError("timed out"), TransientSendError),
-        (esp_error(429), TransientSendError),
-        (esp_error(503), TransientSendError),
+        (smtplib.SMTPServerDisconnected("gone"), ServiceUnavailable),
+        (ConnectionRefusedError(111, "Connection refused"), ServiceUnavailable),
+        (TimeoutError("timed out"), ServiceUnavailable),
+        (esp_error(429), ServiceUnavailable),
+        (esp_error(503), ServiceUnavailable),
         (esp_error(400), PermanentSendError),
-        (AnymailAPIError("no response"), TransientSendError),
+        (AnymailAPIError("no response"), ServiceUnavailable),
         (AnymailRecipientsRefused("all refused"), PermanentSendError),
     ],
 )
-def test_classify_sorts_errors_into_transient_and_permanent(exc, expected):
-    assert type(delivery.classify(exc)) is expected
+def test_classify_sorts_errors_into_outage_transient_and_permanent(exc, expected):
+    assert type(transport.classify(exc)) is expected
 
 
 def test_classify_keeps_smtp_code_in_the_error_text():
-    error = delivery.classify(smtplib.SMTPResponseException(554, b"5.7.1 Rejected"))
+    error = transport.classify(smtplib.SMTPResponseException(554, b"5.7.1 Rejected"))
 
     assert "554" in str(error)
     assert "5.7.1 Rejected" in str(error)
 
 
-def test_classify_leaves_unknown_bugs_unclassified():
-    assert delivery.classify(KeyError("bug")) is None
+def test_classify_makes_an_unknown_error_transient_never_permanent():
+    error = transport.classify(KeyError("bug"))
+
+    assert type(error) is TransientSendError
+    assert "KeyError" in str(error)
 
 
 # --- Recovery and retry -------------------------------------------------------------------
 
 
-def stuck(**fields) -> Message:
+def stuck(*, tried: bool, **fields) -> Message:
+    """A claim whose lease lapsed: its worker stopped renewing it."""
+    lapsed = timezone.now() - timedelta(seconds=31)
     return queue(
-        "ada@example.com",
+        fields.pop("to", "ada@example.com"),
         status=MessageStatus.SENDING,
-        claimed_at=timezone.now() - timedelta(seconds=601),
-        attempts=1,
+        claimed_at=lapsed,
+        attempted_at=lapsed if tried else None,
+        attempts=1 if tried else 0,
         **fields,
     )
 
 
-def test_recover_stuck_requeues_with_explanation_under_retry_policy(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="retry")
-    message = stuck()
+def test_recover_queues_untried_claims_again_without_counting_an_attempt(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="fail")
+    untried = stuck(tried=False)
     fresh = queue("bob@example.com", status=MessageStatus.SENDING, claimed_at=timezone.now())
 
-    counts = delivery.recover_stuck()
+    counts = outbox.recover_stuck()
 
-    assert counts["requeued"] == 1
-    message.refresh_from_db()
-    assert message.status == MessageStatus.QUEUED
-    assert "stopped while sending" in message.last_error
-    assert "STUCK_POLICY=retry" in message.last_error
+    assert counts["untried"] == 1
+    assert counts["in_doubt_failed"] == counts["in_doubt_requeued"] == 0
+    untried.refresh_from_db()
+    assert (untried.status, untried.attempts, untried.claim_token) == ("queued", 0, None)
+    event = untried.events.get()
+    assert event.event_type == Event.Type.DEFERRED
+    assert event.data == {"recovered": "untried"}
+    assert event.recipient == "ada@example.com"
     fresh.refresh_from_db()
     assert fresh.status == MessageStatus.SENDING
 
 
-def test_recover_stuck_fails_under_fail_policy(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="fail")
-    message = stuck()
+def test_recover_sends_the_email_in_doubt_again_under_retry_policy(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="retry")
+    message = stuck(tried=True)
 
-    counts = delivery.recover_stuck()
+    counts = outbox.recover_stuck()
 
-    assert counts["failed"] == 1
+    assert counts["in_doubt_requeued"] == 1
+    message.refresh_from_db()
+    assert message.status == MessageStatus.QUEUED
+    assert message.attempted_at is None
+    assert "may or may not have left" in message.last_error
+    assert "STUCK_POLICY=retry" in message.last_error
+    # The history keeps it, whatever the next send writes.
+    assert message.events.get().data == {"recovered": "in doubt"}
+
+
+def test_recover_fails_the_email_in_doubt_under_fail_policy(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="fail")
+    message = stuck(tried=True)
+
+    counts = outbox.recover_stuck()
+
+    assert counts["in_doubt_failed"] == 1
     message.refresh_from_db()
     assert message.status == MessageStatus.FAILED
     assert "STUCK_POLICY=fail" in message.last_error
+    assert message.events.get().event_type == Event.Type.FAILED
 
 
-def test_recover_stuck_fails_messages_out_of_attempts(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=600, STUCK_POLICY="retry", MAX_ATTEMPTS=3)
-    message = stuck()
+def test_recover_fails_an_email_in_doubt_out_of_attempts(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="retry", MAX_ATTEMPTS=3)
+    message = stuck(tried=True)
     Message.objects.filter(pk=message.pk).update(attempts=3)
 
-    delivery.recover_stuck()
+    outbox.recover_stuck()
 
     message.refresh_from_db()
     assert message.status == MessageStatus.FAILED
     assert "attempts exhausted" in message.last_error
 
 
+def test_a_live_worker_renews_its_lease_so_recovery_leaves_its_claims_alone(broker, settings):
+    mailer_settings(settings, SENDING_LEASE=30)
+    token = uuid.uuid4()
+    held = stuck(tried=False, claim_token=token)
+
+    assert outbox.renew([token]) == 1
+
+    assert outbox.recover_stuck()["untried"] == 0
+    held.refresh_from_db()
+    assert held.status == MessageStatus.SENDING
+
+
 def test_requeue_puts_failed_messages_back_with_attempts_reset():
     failed = queue("ada@example.com", status=MessageStatus.FAILED, attempts=5, last_error="550")
     sent = queue("bob@example.com", status=MessageStatus.SENT, attempts=1)
 
-    assert delivery.requeue(Message.objects.all()) == 1
+    assert outbox.requeue(Message.objects.all()) == 1
 
     failed.refresh_from_db()
     assert failed.status == MessageStatus.QUEUED
@@ -351,22 +412,23 @@ def test_anymail_backend_gets_metadata_header_and_returns_provider_id(broker, se
     assert {m.provider_message_id for m in messages} == {"0", "1"}
 
 
-def test_anymail_api_error_is_retried(broker, settings, monkeypatch):
+def test_anymail_server_error_makes_the_email_wait(broker, settings, monkeypatch):
     settings.EMAIL_BACKEND = "anymail.backends.test.EmailBackend"
-    original = delivery.build_email
+    original = compose.build_email
 
     def failing(message, compiled, connection=None, link_cache=None):
         email = original(message, compiled, connection)
         email.anymail_test_response = esp_error(503)
         return email
 
-    monkeypatch.setattr(delivery, "build_email", failing)
+    monkeypatch.setattr(compose, "build_email", failing)
     message = queue("ada@example.com")
 
     assert delivery.drain(Kind.TRANSACTIONAL) == 0
 
     message.refresh_from_db()
-    assert message.status == MessageStatus.QUEUED
+    assert message.status == MessageStatus.QUEUED  # an ESP outage: the email waits
+    assert message.attempts == 0
     assert "503" in message.last_error
 
 

@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from mailer import delivery, tracking
+from mailer import api, delivery, outbox
 from mailer.models import Contact, Event, Kind, Link, Message, MessageStatus, Template
 
 from .factories import MessageFactory
@@ -172,7 +172,6 @@ def test_every_link_clicked_at_once_flags_the_whole_burst(smtp, broker, promo):
 
 
 def test_transactional_mail_is_never_tracked(smtp, broker):
-    from mailer import api
 
     api.send(
         "welcome",
@@ -210,7 +209,7 @@ def test_status_only_moves_forward():
     now = timezone.now()
 
     def after(event_type: str) -> str:
-        tracking.apply_to_message(message.pk, event_type, now)
+        outbox.apply_event(message.pk, event_type, now)
         return Message.objects.get(pk=message.pk).status
 
     assert after(Event.Type.OPENED) == MessageStatus.CLICKED
@@ -225,10 +224,10 @@ def test_first_event_times_keep_the_earliest_whatever_the_order():
     t0 = timezone.now().replace(microsecond=0)
     later, earlier = t0 + timedelta(minutes=5), t0 + timedelta(minutes=1)
 
-    tracking.apply_to_message(message.pk, Event.Type.OPENED, later)
-    tracking.apply_to_message(message.pk, Event.Type.OPENED, earlier)
-    tracking.apply_to_message(message.pk, Event.Type.OPENED, later)
-    tracking.apply_to_message(message.pk, Event.Type.DELIVERED, t0)
+    outbox.apply_event(message.pk, Event.Type.OPENED, later)
+    outbox.apply_event(message.pk, Event.Type.OPENED, earlier)
+    outbox.apply_event(message.pk, Event.Type.OPENED, later)
+    outbox.apply_event(message.pk, Event.Type.DELIVERED, t0)
 
     message.refresh_from_db()
     assert (message.delivered_at, message.opened_at) == (t0, earlier)

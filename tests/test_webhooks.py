@@ -23,9 +23,9 @@ from itertools import count
 import pytest
 from django.utils import timezone
 
-from mailer import delivery
+from mailer import outbox
 from mailer.models import Event, Kind, Message, MessageStatus, Suppression
-from mailer.tracking import RANK
+from mailer.outbox import RANK
 from tests.factories import MessageFactory
 
 pytestmark = [
@@ -1028,7 +1028,7 @@ def test_event_before_the_send_recorded_the_provider_id_links_by_metadata(client
     assert status(message) == MessageStatus.DELIVERED
 
     # The send finishes: it records the id and keeps the status the webhook moved on.
-    delivery._record_sent([(message, provider_id(esp.name, message))], timezone.now())
+    outbox.record_sent(outbox.Sent(message, provider_id(esp.name, message)))
     message.refresh_from_db()
     assert message.status == MessageStatus.DELIVERED
     assert message.provider_message_id == provider_id(esp.name, message)

@@ -1,0 +1,167 @@
+"""Talking to the backend: connections, what an error means, and how long to back off.
+
+``classify`` sorts every error into three: the recipient's permanent refusal (fail),
+a transient problem with this one email (retry, a bounded number of times), and an
+outage of the server or ESP (the email waits; its attempts are not used up).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import smtplib
+import threading
+
+from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
+from django.core.mail import get_connection
+
+from . import conf
+from .backends import SMTPBackend
+from .exceptions import (
+    HeaderInjection,
+    PermanentSendError,
+    SendError,
+    ServiceUnavailable,
+    TemplateError,
+    TemplateNotFound,
+    TransientSendError,
+)
+from .mime import PreparedEmail
+
+logger = logging.getLogger(__name__)
+
+
+def _smtp_reply(exc: smtplib.SMTPResponseException) -> str:
+    error = exc.smtp_error
+    return error.decode(errors="replace") if isinstance(error, bytes) else str(error)
+
+
+def classify(exc: BaseException) -> SendError:
+    """Permanent (never again), transient (again, bounded) or an outage (wait)."""
+    if isinstance(exc, SendError):
+        return exc
+    if isinstance(exc, TemplateError | TemplateNotFound | HeaderInjection):
+        return PermanentSendError(f"Template: {exc}")
+    if isinstance(exc, AnymailRecipientsRefused):
+        return PermanentSendError(f"ESP refused the recipient: {exc}")
+    if isinstance(exc, AnymailAPIError):
+        status = getattr(exc, "status_code", None)
+        if status is None or status == 429 or status >= 500:
+            return ServiceUnavailable(f"ESP error {status or 'connection'}: {exc}")
+        if status in (401, 403):
+            return ServiceUnavailable(f"ESP refused our credentials ({status}): {exc}")
+        return PermanentSendError(f"ESP error {status}: {exc}")
+    if isinstance(exc, AnymailError):
+        return PermanentSendError(f"ESP: {exc}")
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        detail = "; ".join(
+            f"{code} {reply.decode(errors='replace')}" for code, reply in exc.recipients.values()
+        )
+        if codes and all(code == 421 for code in codes):
+            return ServiceUnavailable(f"SMTP server unavailable: {detail}")
+        if codes and all(400 <= code < 500 for code in codes):
+            return TransientSendError(f"SMTP recipient deferred: {detail}")
+        return PermanentSendError(f"SMTP recipient refused: {detail}")
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        # Credentials are fixed by ops, not by waiting, but failing every queued email
+        # at once would be worse: the mail waits and the error stays visible.
+        return ServiceUnavailable(f"SMTP authentication failed: {exc.smtp_code}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        text = f"SMTP {exc.smtp_code} {_smtp_reply(exc)}"
+        if exc.smtp_code == 421:
+            return ServiceUnavailable(text)
+        if 400 <= exc.smtp_code < 500:
+            return TransientSendError(text)
+        return PermanentSendError(text)
+    if isinstance(exc, smtplib.SMTPServerDisconnected | smtplib.SMTPNotSupportedError):
+        return ServiceUnavailable(f"SMTP connection: {exc}")
+    if isinstance(exc, OSError):  # refused, reset, timeout, TLS failure, DNS
+        return ServiceUnavailable(f"Connection: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, ValueError) and "address" in str(exc).lower():
+        return PermanentSendError(f"Invalid address: {exc}")
+    # Nobody classified it: maybe a bug, maybe a passing fault. Try again, a bounded
+    # number of times, and leave the traceback in the worker's log.
+    logger.error("mailer: unclassified send error", exc_info=exc)
+    return TransientSendError(f"Unexpected {exc.__class__.__name__}; see the worker log.")
+
+
+def backoff(attempt: int) -> float:
+    """Exponential delay with jitter before retry number ``attempt``."""
+    base = float(conf.get("RETRY_BACKOFF_BASE"))
+    delay = min(float(conf.get("RETRY_BACKOFF_MAX")), base * 2 ** max(0, attempt - 1))
+    jitter = float(conf.get("RETRY_JITTER"))
+    return max(1.0, delay * random.uniform(1 - jitter, 1 + jitter))  # noqa: S311
+
+
+class Outage:
+    """Consecutive outages of this process's backend, for a growing wait between tries."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def failed(self) -> float:
+        """One more outage; the seconds mail should wait before the next try."""
+        with self._lock:
+            self.count += 1
+            count = self.count
+        return min(float(conf.get("MAX_COUNTDOWN")), backoff(count))
+
+    def recovered(self) -> None:
+        with self._lock:
+            self.count = 0
+
+
+outage = Outage()
+
+
+def open_backend():
+    """A backend connection for a batch. Django's SMTP backend becomes ours (a subclass
+    that sends prepared bytes); every other backend is used as configured."""
+    if conf.email_backend() == "django.core.mail.backends.smtp.EmailBackend":
+        return get_connection(f"{SMTPBackend.__module__}.{SMTPBackend.__name__}")
+    return get_connection(fail_silently=False)
+
+
+class Sender:
+    """One backend connection for a batch; reopened after the server drops it.
+
+    A failure to open raises ``ServiceUnavailable``: the caller hands the batch back.
+    """
+
+    def __init__(self):
+        self.connection = None
+
+    def open(self) -> None:
+        """Connect if not connected; an unreachable server raises ServiceUnavailable."""
+        if self.connection is None:
+            connection = open_backend()
+            try:
+                connection.open()
+            except Exception as exc:  # noqa: BLE001 - every failure to open is sorted
+                error = classify(exc)
+                if not isinstance(error, ServiceUnavailable):
+                    error = ServiceUnavailable(str(error))
+                raise error from exc
+            self.connection = connection
+
+    def send(self, email: PreparedEmail) -> None:
+        self.open()
+        email.connection = self.connection
+        try:
+            if not self.connection.send_messages([email]):
+                raise TransientSendError("The backend accepted nothing.")
+        except Exception as exc:
+            error = classify(exc)
+            if isinstance(error, ServiceUnavailable):
+                self.close()  # a dropped or refused connection is never reused
+            raise error from exc
+
+    def close(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                logger.debug("mailer: closing a broken connection failed", exc_info=True)
+            self.connection = None

@@ -233,6 +233,9 @@ def build_email(
     on SMTP set-ups, our open pixel and click redirects.
     """
     headers = {"X-Mailer-Message-Id": str(message.uuid)}
+    idempotency = conf.idempotency_header()
+    if idempotency:
+        headers[idempotency] = str(message.uuid)  # a resend in doubt is dropped by the ESP
     marketing = message.kind != Kind.TRANSACTIONAL
     links = unsubscribe_links(message.to_email, message.uuid) if marketing else None
     rendered = compiled.render(message_context(message, links))

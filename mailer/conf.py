@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_WAIT": 120,
     # How long sending waits for an unreachable rate-limit store before handing back.
     "RATE_STORE_WAIT": 60,
+    # Header carrying each message's id as an idempotency key, so an ESP that honours it
+    # never delivers a resent email twice. None: chosen by the backend (Brevo's
+    # "idempotencyKey", Resend's "Resend-Idempotency-Key"); "" turns it off.
+    "IDEMPOTENCY_HEADER": None,
     # Email verification links stay valid this many seconds.
     "VERIFY_MAX_AGE": 3 * 24 * 3600,
     # Seconds a process reuses a template lookup (other processes see edits this late).
@@ -233,6 +237,28 @@ def task_time_limit() -> float | None:
 def email_backend() -> str:
     """Django's EMAIL_BACKEND, as a dotted path."""
     return str(getattr(settings, "EMAIL_BACKEND", ""))
+
+
+#: The header each ESP that deduplicates sends reads its idempotency key from.
+ESP_IDEMPOTENCY_HEADERS = {
+    "anymail.backends.brevo.": "idempotencyKey",
+    "anymail.backends.sendinblue.": "idempotencyKey",
+    "anymail.backends.resend.": "Resend-Idempotency-Key",
+}
+
+
+def idempotency_header() -> str | None:
+    """The header that makes a resent email a no-op at the ESP, if the backend has one."""
+    configured = get("IDEMPOTENCY_HEADER")
+    if configured is not None:
+        return configured or None
+    backend = email_backend()
+    for prefix, header in ESP_IDEMPOTENCY_HEADERS.items():
+        if backend.startswith(prefix):
+            return header
+    if str(getattr(settings, "EMAIL_HOST", "")).endswith("resend.com"):
+        return "Resend-Idempotency-Key"
+    return None
 
 
 def esp_tracks() -> bool:

@@ -315,6 +315,9 @@ def send_batch(
                     _fail(message, error, result)
                     continue
                 if not limiter.take():
+                    if not stopping():  # the rate-limit store stayed down: wait a while
+                        result.wait = float(conf.get("RATE_STORE_WAIT"))
+                        result.outage = "the rate-limit store is unavailable"
                     untried.extend(messages[index:])
                     break
                 try:

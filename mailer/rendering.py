@@ -282,7 +282,9 @@ def _lookup_template(slug: str, candidates: list[str]) -> Source:
                 subject=row.subject,
                 html=row.html,
                 text=row.text,
-                cache_key=("db", row.pk, row.version),
+                # The content is part of the key: SQLite reuses the id of a deleted row,
+                # and a new row starts again at version 1.
+                cache_key=("db", row.pk, row.version, hash((row.subject, row.html, row.text))),
                 template_id=row.pk,
                 purpose=row.purpose,
             )

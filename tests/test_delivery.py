@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import time
 import uuid
 from datetime import timedelta
 
@@ -10,6 +11,7 @@ import pytest
 import requests
 from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
 from django.core import mail
+from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.utils import timezone
 
 from mailer import api, compose, delivery, outbox, transport
@@ -446,3 +448,99 @@ def test_non_ascii_display_name_and_plain_address_survive_the_fast_smtp_path(smt
     assert parsed["To"].addresses[0].display_name == "Zoë Ærøskøbing, Jr."
     assert parsed["To"].addresses[0].addr_spec == "zoe@example.com"
     assert not [part.defects for part in parsed.walk() if part.defects]
+
+
+# --- Faults, in process (real processes are killed in tests/test_faults.py) ---------------
+
+
+class Watching(LocmemBackend):
+    """locmem, but before each email it reads the rows as another process would: every
+    earlier email must already be recorded sent, and this one marked tried."""
+
+    seen: list[tuple[int, int, bool]] = []
+    on_send = None
+
+    def send_messages(self, messages):
+        for email in messages:
+            pk = int(Message.objects.get(uuid=email.extra_headers["X-Mailer-Message-Id"]).pk)
+            sent = Message.objects.filter(status=MessageStatus.SENT).count()
+            tried = Message.objects.filter(pk=pk, attempted_at__isnull=False).exists()
+            Watching.seen.append((pk, sent, tried))
+            if Watching.on_send:
+                Watching.on_send(len(Watching.seen))
+        return super().send_messages(messages)
+
+
+@pytest.fixture
+def watching(settings):
+    settings.EMAIL_BACKEND = "tests.test_delivery.Watching"
+    Watching.seen, Watching.on_send = [], None
+    yield Watching
+    Watching.on_send = None
+    delivery._stop_at = None
+    delivery._stop_event.clear()
+
+
+def test_each_outcome_is_recorded_before_the_next_email_goes_out(broker, watching):
+    for n in range(5):
+        queue(f"r{n}@example.com")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 5
+
+    # Email n went out with the n emails before it recorded, and itself marked tried:
+    # a crash at any moment leaves at most the one on the wire in doubt.
+    assert [(sent, tried) for _, sent, tried in watching.seen] == [(n, True) for n in range(5)]
+    assert Message.objects.filter(status=MessageStatus.SENT).count() == 5
+
+
+def test_a_stop_request_finishes_the_email_on_the_wire_and_hands_back_the_rest(broker, watching):
+    messages = [queue(f"r{n}@example.com") for n in range(6)]
+    watching.on_send = lambda count: delivery.request_stop() if count == 2 else None
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 2
+
+    statuses = [Message.objects.get(pk=m.pk) for m in messages]
+    assert [m.status for m in statuses] == ["sent"] * 2 + ["queued"] * 4
+    assert {m.attempts for m in statuses[2:]} == {0}  # handed back untried
+    assert {m.claim_token for m in statuses[2:]} == {None}
+    assert len(mail.outbox) == 2
+
+
+def test_an_unreachable_rate_limit_store_makes_mail_wait_never_fail(broker, settings, smtp):
+    mailer_settings(
+        settings,
+        RATE_LIMITS={"transactional": "100/s"},
+        REDIS_URL="redis://127.0.0.1:1/0",  # nothing listens there
+        RATE_STORE_WAIT=1,
+    )
+    messages = [queue(f"r{n}@example.com") for n in range(3)]
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 0
+
+    for message in messages:
+        message.refresh_from_db()
+        assert (message.status, message.attempts) == (MessageStatus.QUEUED, 0)
+        assert message.last_error == "Waiting: the rate-limit store is unavailable"
+    assert smtp.messages == []
+    assert not Event.objects.filter(event_type=Event.Type.FAILED).exists()
+    # The store is back (the broker's Redis carries the bucket again): all of it goes.
+    mailer_settings(settings, REDIS_URL=None)
+    make_due(*messages)
+    assert delivery.drain(Kind.TRANSACTIONAL) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_live_worker_keeps_renewing_the_lease_on_a_slow_batch(broker, settings, watching):
+    mailer_settings(settings, SENDING_LEASE=3)  # renewed every second
+    messages = [queue(f"r{n}@example.com") for n in range(3)]
+    claimed_at = []
+
+    def slow(count):
+        claimed_at.append(Message.objects.get(pk=messages[-1].pk).claimed_at)
+        time.sleep(1.3)
+
+    watching.on_send = slow
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 3
+
+    assert claimed_at[0] < claimed_at[1] < claimed_at[2]  # renewed while it was held

@@ -14,7 +14,7 @@ Per size (100k contacts by default; ``--million`` adds 1M, ``--contacts N`` sets
 3. sending        the sink's one-connection ceiling for this campaign's message, then two
                   ``celery worker -Q campaign -c 1`` processes drain the campaign → msg/s,
                   CPU per message, each worker's peak RSS
-4. report         opens, clicks, bounces as Event rows in bulk; ``campaigns.report()`` and
+4. report         opens, clicks, bounces as Event rows in bulk; ``reports.report()`` and
                   the admin change page (django.test.Client), median of 5
 
 The import, materialize and COPY phases each run in a child process of their own (this
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -610,7 +611,7 @@ class CampaignBench:
 
     def campaign_message_bytes(self, campaign_id: int) -> bytes:
         """One real message of the campaign, built exactly as a worker builds it."""
-        from mailer import delivery, rendering
+        from mailer import compose, rendering
         from mailer.models import Message
 
         message = (
@@ -622,7 +623,7 @@ class CampaignBench:
         compiled = rendering.compiled(
             rendering.find_template(message.template_slug, message.language)
         )
-        email = delivery.build_email(message, compiled, link_cache={})
+        email = compose.build_email(message, compiled, link_cache={})
         return email.message().as_bytes(linesep="\r\n")
 
     def sink_ceiling(self, size: int, data: bytes) -> float:
@@ -677,8 +678,8 @@ class CampaignBench:
             return int(cursor.fetchone()[0] or 0)
 
     def phase_send(self, size: int, campaign_id: int) -> None:
-        from mailer import campaigns, delivery
-        from mailer.models import Campaign, Kind, Message, MessageStatus
+        from mailer import campaigns, dispatch
+        from mailer.models import Campaign, Message, MessageStatus, Queue
 
         add = self.table.add
         queued = Message.objects.filter(campaign_id=campaign_id).count()
@@ -701,7 +702,7 @@ class CampaignBench:
         sessions = self.pg_sessions()
         before = self.snapshot()
         t0 = time.monotonic()
-        delivery.kick(Kind.CAMPAIGN)
+        dispatch.kick(Queue.CAMPAIGN)
         samples: list[tuple[float, int]] = [(0.0, 0)]
         last_progress = last_print = t0
         last_count = 0
@@ -795,16 +796,30 @@ class CampaignBench:
 
     # -- 3b. where a worker's time goes ----------------------------------------------------------
 
+    def claim_and_send(self, size: int) -> tuple[int, int]:
+        """One batch as a worker's drain takes it: claim under a fresh token, then send.
+
+        Returns (messages claimed, emails sent); nothing claimed means nothing is due.
+        """
+        from mailer import delivery, outbox
+        from mailer.models import Queue
+
+        token = uuid.uuid4()
+        batch = outbox.claim(Queue.CAMPAIGN, size, token)
+        if not batch:
+            return 0, 0
+        return len(batch), delivery.send_batch(batch, Queue.CAMPAIGN, token=token).sent
+
     def phase_breakdown(self, size: int, campaign_id: int) -> None:
         """The worker's claim/send loop in this process, each step timed (no Celery)."""
         from django.core.mail.backends import smtp as django_smtp
 
-        from mailer import delivery, mime, rendering, tracking, unsubscribe
-        from mailer.models import Campaign, Event, Kind, Message, MessageStatus
+        from mailer import compose, delivery, mime, outbox, rendering, transport
+        from mailer.models import Campaign, Message, MessageStatus
 
         count = self.args.breakdown
         batch_size = 100
-        say(f"\n3b. breakdown: claim_due + send_batch in this process, {count:,} messages")
+        say(f"\n3b. breakdown: outbox.claim + send_batch in this process, {count:,} messages")
         messages = Message.objects.filter(campaign_id=campaign_id)
         queued = messages.filter(status=MessageStatus.QUEUED).count()
         if queued < count + batch_size:  # everything was sent: queue some again
@@ -817,23 +832,25 @@ class CampaignBench:
                 status=MessageStatus.QUEUED, sent_at=None, claim_token=None
             )
         Campaign.objects.filter(pk=campaign_id).update(status="sending")
-        delivery.send_batch(delivery.claim_due(Kind.CAMPAIGN, batch_size), Kind.CAMPAIGN)
+        self.claim_and_send(batch_size)  # warm-up: compile, connect, record the links
 
         timers = Timers()
-        timers.wrap(delivery, "claim_due", "claim_due (lock, mark sending, load)")
+        timers.wrap(outbox, "claim", "claim (lock, mark sending, load)")
         timers.wrap(delivery, "suppressed_addresses", "suppression check")
-        timers.wrap(delivery, "_stopped_campaigns", "campaign state check")
+        timers.wrap(outbox, "stopped_campaigns", "campaign state check")
+        timers.wrap(compose.Templates, "for_message", "template lookup (per batch cache)")
         timers.wrap(rendering.Compiled, "render", "render (subject + html + text)")
-        timers.wrap(unsubscribe, "links", "unsubscribe links (signing)")
-        timers.wrap(tracking, "add_tracking", "add_tracking (click + open links)")
-        timers.wrap(delivery, "build_email", "build_email other")
+        timers.wrap(compose, "unsubscribe_links", "unsubscribe links (signing)")
+        timers.wrap(compose, "add_tracking", "add_tracking (click + open links)")
+        timers.wrap(compose, "build_email", "build_email other")
         timers.wrap(mime, "build", "MIME bytes (mime.build)")
-        for module in (mime, django_smtp):  # both parse the addresses again
+        for module in (mime, django_smtp):  # both may parse addresses for a message
             if hasattr(module, "sanitize_address"):
                 timers.wrap(module, "sanitize_address", "address parsing (sanitize_address)")
-        timers.wrap(delivery._Sender, "send", "SMTP send (backend + smtplib + sink)")
-        timers.wrap(delivery, "_record_sent", "_record_sent (statuses)")
-        timers.wrap_manager(Event, "bulk_create", "_record_sent: Event bulk_create")
+        timers.wrap(transport.Sender, "send", "SMTP send (backend + smtplib + sink)")
+        # One round trip per message: the previous one's sent status, the next one's
+        # tried mark (only if its claim and campaign still allow it).
+        timers.wrap(outbox, "try_next", "try_next (record sent + mark next tried)")
         nested = {
             "build_email other": [
                 "render (subject + html + text)",
@@ -844,17 +861,16 @@ class CampaignBench:
                 "MIME bytes (mime.build)",
                 "address parsing (sanitize_address)",
             ],
-            "_record_sent (statuses)": ["_record_sent: Event bulk_create"],
         }
         sink_before = self.sink.stats()
         sent = 0
         try:
             cpu0, t0 = time.process_time(), time.perf_counter()
             while sent < count:
-                batch = delivery.claim_due(Kind.CAMPAIGN, batch_size)
-                if not batch:
+                claimed, batch_sent = self.claim_and_send(batch_size)
+                if not claimed:
                     break
-                sent += delivery.send_batch(batch, Kind.CAMPAIGN).sent
+                sent += batch_sent
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0
         finally:
@@ -872,9 +888,10 @@ class CampaignBench:
         add(size, "3b", "sink CPU per message", f"{sink_cpu / sent * 1e3:.3f} ms")
         add(size, "3b", "  step (exclusive): CPU µs / wall µs / share", "per message")
         steps = [
-            "claim_due (lock, mark sending, load)",
+            "claim (lock, mark sending, load)",
             "suppression check",
             "campaign state check",
+            "template lookup (per batch cache)",
             "render (subject + html + text)",
             "unsubscribe links (signing)",
             "add_tracking (click + open links)",
@@ -882,8 +899,7 @@ class CampaignBench:
             "MIME bytes (mime.build)",
             "address parsing (sanitize_address)",
             "SMTP send (backend + smtplib + sink)",
-            "_record_sent (statuses)",
-            "_record_sent: Event bulk_create",
+            "try_next (record sent + mark next tried)",
         ]
         total_ms, total_cpu = wall * 1e3, cpu * 1e3
         rows = [(s, exclusive.get(s, 0.0), exclusive_cpu.get(s, 0.0)) for s in steps]
@@ -1002,7 +1018,7 @@ class CampaignBench:
         from django.test.utils import CaptureQueriesContext
         from django.urls import reverse
 
-        from mailer import campaigns
+        from mailer import reports
         from mailer.models import Campaign, Event
 
         add = self.table.add
@@ -1026,14 +1042,14 @@ class CampaignBench:
             (f"{campaign.recipients:,} / {events:,}"),
         )
 
-        figures = campaigns.report(campaign)  # warm-up
+        figures = reports.report(campaign)  # warm-up
         times = []
         for _ in range(self.args.repeat):
             t0 = time.perf_counter()
-            figures = campaigns.report(campaign)
+            figures = reports.report(campaign)
             times.append(time.perf_counter() - t0)
         with CaptureQueriesContext(connection) as report_queries:
-            campaigns.report(campaign)
+            reports.report(campaign)
         rates = figures["rates"]
         add(
             size,
@@ -1058,7 +1074,7 @@ class CampaignBench:
             "  unique opens/clicks = COUNT(DISTINCT) over events",
             f"{'yes' if same else 'NO'} ({opened:,} / {clicked:,})",
         )
-        add(size, "4", f"campaigns.report(), median of {len(times)}", ms(statistics.median(times)))
+        add(size, "4", f"reports.report(), median of {len(times)}", ms(statistics.median(times)))
         add(size, "4", "  report() min / max", f"{ms(min(times))} / {ms(max(times))}")
         add(size, "4", "  SQL queries", f"{len(report_queries.captured_queries)}")
         slowest = sorted(

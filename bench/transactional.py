@@ -387,7 +387,7 @@ class Bench:
         from django.utils import timezone
 
         from mailer import rendering
-        from mailer.delivery import message_context
+        from mailer.compose import message_context
         from mailer.models import Kind, Message, MessageStatus
 
         started = time.monotonic()
@@ -526,7 +526,7 @@ class Bench:
         from django.db import connection
         from django.test.utils import CaptureQueriesContext
 
-        from mailer import api, delivery
+        from mailer import api, dispatch
         from mailer.models import Message
 
         calls = self.args.api_calls
@@ -544,7 +544,7 @@ class Bench:
         first_id = Message.objects.order_by("-id").values_list("id", flat=True).first()
 
         kicks = {"calls": 0, "enqueued": 0}
-        original_kick = delivery.kick
+        original_kick = dispatch.kick
 
         def counting_kick(*args, **kwargs):
             enqueued = original_kick(*args, **kwargs)
@@ -552,7 +552,7 @@ class Bench:
             kicks["enqueued"] += bool(enqueued)
             return enqueued
 
-        delivery.kick = counting_kick
+        dispatch.kick = counting_kick
         sessions = self.pg_sessions()
         before = self.snapshot()
         timings = []
@@ -562,7 +562,7 @@ class Bench:
                 api.send("welcome", to=f"user{offset + i}@example.com", context=welcome_context(i))
                 timings.append((time.perf_counter() - t0) * 1e3)
         finally:
-            delivery.kick = original_kick
+            dispatch.kick = original_kick
         after = self.snapshot()
         cpu = cpu_delta(before, after)
 
@@ -634,26 +634,19 @@ class Bench:
         """Time api.send's parts by wrapping them (this process only, then restored)."""
         from django.db import transaction
 
-        from mailer import api, delivery, rendering
-        from mailer.models import Contact, Message, Suppression
+        from mailer import api, dispatch, outbox, rendering
+        from mailer.models import Message
 
         timers = Timers()
         timers.wrap(api, "clean_address", "clean_address")
+        timers.wrap(outbox, "contact_and_suppression", "contact + suppression (1 query)")
         timers.wrap(rendering, "find_template", "find_template (DB + disk)")
-        # Present only in some versions of mailer: timed when they exist.
-        timers.wrap(api, "_lookup", "lookup (contact, suppression, templates)", optional=True)
-        timers.wrap(api, "_contact_and_suppression", "contact + suppression", optional=True)
-        timers.wrap(
-            rendering, "find_template_from_versions", "template from versions", optional=True
-        )
         timers.wrap(rendering, "compiled", "compiled (cache lookup)")
         timers.wrap(rendering.Compiled, "render_subject", "render subject")
         timers.wrap(Message, "save", "INSERT (Message.save)")
         timers.wrap(transaction.Atomic, "__enter__", "transaction.atomic enter")
         timers.wrap(transaction.Atomic, "__exit__", "transaction.atomic exit (COMMIT)")
-        timers.wrap(delivery, "kick", "kick (Redis SET NX / apply_async)")
-        timers.wrap_queryset(Contact, "first", "contact lookup")
-        timers.wrap_queryset(Suppression, "exists", "suppression check")
+        timers.wrap(dispatch, "kick", "kick (Redis SET NX / apply_async)")
         try:
             timers.reset()
             t0 = time.perf_counter()
@@ -672,8 +665,8 @@ class Bench:
     def phase_end_to_end(self) -> None:
         from django.db.models import Count
 
-        from mailer import delivery
-        from mailer.models import Kind, Message, MessageStatus
+        from mailer import dispatch
+        from mailer.models import Message, MessageStatus, Queue
 
         count = self.args.messages
         say(f"\nc. end-to-end: {count} queued messages, 2 workers (-c 1 each), one kick")
@@ -686,7 +679,7 @@ class Bench:
         sessions = self.pg_sessions()
         before = self.snapshot()
         t0 = time.monotonic()
-        delivery.kick(Kind.TRANSACTIONAL)
+        dispatch.kick(Queue.TRANSACTIONAL)
         samples: list[tuple[float, int]] = [(0.0, 0)]
         last_progress, last_count = t0, 0
         while True:
@@ -781,40 +774,40 @@ class Bench:
         from django.core.mail.backends import smtp as django_smtp
         from django.db import connection
 
-        from mailer import delivery, mime, rendering
-        from mailer.models import Event, Kind
+        from mailer import compose, delivery, dispatch, mime, outbox, rendering, transport
+        from mailer.models import Queue
 
         count = self.args.breakdown_messages
         say(f"\ne. breakdown: the worker's drain loop in this process, {count} messages")
         self.truncate()
         self.flush_redis()
         self.queue_rows(200, start=0)
-        delivery.drain(Kind.TRANSACTIONAL)  # warm-up: compile, connect
+        delivery.drain(Queue.TRANSACTIONAL)  # warm-up: compile, connect
         self.queue_rows(count, start=1000)
         self.flush_redis()
 
         timers = Timers()
-        timers.wrap(delivery, "claim_due", "claim_due (lock, mark sending, load)")
+        timers.wrap(outbox, "claim", "claim (lock, mark sending, load)")
         timers.wrap(delivery, "suppressed_addresses", "suppression check (1 query)")
-        timers.wrap(delivery, "_compiled_for", "template lookup (per batch cache)")
+        timers.wrap(compose.Templates, "for_message", "template lookup (per batch cache)")
         timers.wrap(rendering.Compiled, "render", "render (subject + html + text)")
-        timers.wrap(delivery, "build_email", "build_email other (context, PreparedEmail)")
+        timers.wrap(compose, "build_email", "build_email other (context, PreparedEmail)")
         timers.wrap(mime, "build", "MIME bytes (mime.build)")
-        timers.wrap(delivery._Sender, "send", "SMTP send (backend + smtplib + sink)")
-        for module in (mime, django_smtp):  # both re-parse addresses for every message
+        timers.wrap(transport.Sender, "send", "SMTP send (backend + smtplib + sink)")
+        for module in (mime, django_smtp):  # both may parse addresses for a message
             if hasattr(module, "sanitize_address"):
                 timers.wrap(module, "sanitize_address", "address parsing (sanitize_address)")
-        timers.wrap(delivery, "_record_sent", "_record_sent (statuses)")
-        timers.wrap_manager(Event, "bulk_create", "_record_sent: Event bulk_create")
-        timers.wrap(delivery, "kick", "kick (Redis + apply_async)")
-        timers.wrap(delivery, "_clear_kick", "clear kick flag (Redis DEL)")
+        # One round trip per message: the previous one's sent status (and, for
+        # transactional mail, its 'sent' Event row), and the next one's tried mark.
+        timers.wrap(outbox, "try_next", "try_next (record sent + mark next tried)")
+        timers.wrap(dispatch, "kick", "kick (Redis + apply_async)")
+        timers.wrap(dispatch, "clear_kick", "clear kick flag (Redis DEL)")
         nested = {
             "build_email other (context, PreparedEmail)": ["render (subject + html + text)"],
             "SMTP send (backend + smtplib + sink)": [
                 "MIME bytes (mime.build)",
                 "address parsing (sanitize_address)",
             ],
-            "_record_sent (statuses)": ["_record_sent: Event bulk_create"],
         }
         sink_before = self.sink.stats()
         profiler = None
@@ -826,7 +819,7 @@ class Bench:
             cpu0, t0 = time.process_time(), time.perf_counter()
             if profiler:
                 profiler.enable()
-            sent = delivery.drain(Kind.TRANSACTIONAL)
+            sent = delivery.drain(Queue.TRANSACTIONAL)
             if profiler:
                 profiler.disable()
             wall = time.perf_counter() - t0
@@ -850,7 +843,7 @@ class Bench:
             f"{(sink_after.cpu - sink_before.cpu) / count * 1e3:.3f} ms",
         )
         order = [
-            "claim_due (lock, mark sending, load)",
+            "claim (lock, mark sending, load)",
             "suppression check (1 query)",
             "template lookup (per batch cache)",
             "render (subject + html + text)",
@@ -858,8 +851,7 @@ class Bench:
             "MIME bytes (mime.build)",
             "address parsing (sanitize_address)",
             "SMTP send (backend + smtplib + sink)",
-            "_record_sent (statuses)",
-            "_record_sent: Event bulk_create",
+            "try_next (record sent + mark next tried)",
             "kick (Redis + apply_async)",
             "clear kick flag (Redis DEL)",
         ]

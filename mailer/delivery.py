@@ -304,15 +304,12 @@ def send_batch(
                     suppressed.append(message)
                     continue
                 try:
-                    email = compose.build_email(
-                        message, templates.for_message(message), link_cache=link_cache
-                    )
+                    email = with_database(_compose, message, templates, link_cache)
                 except Exception as exc:  # noqa: BLE001 - classify sorts every failure
-                    error = transport.classify(exc)
-                    if not isinstance(error, PermanentSendError):
-                        error = PermanentSendError(str(error))  # composing is not infrastructure
+                    # A template that cannot render fails at once; an unknown error is
+                    # retried, and counts as an attempt although nothing left.
                     pending = _record(pending)
-                    _fail(message, error, result)
+                    _fail(message, transport.classify(exc), result, count=True)
                     continue
                 if not limiter.take():
                     if not stopping():  # the rate-limit store stayed down: wait a while
@@ -378,13 +375,22 @@ def _outage(queue: Queue, error: SendError, result: BatchResult) -> None:
     )
 
 
+def _compose(message: Message, templates: compose.Templates, link_cache: dict) -> PreparedEmail:
+    return compose.build_email(message, templates.for_message(message), link_cache=link_cache)
+
+
 def _record(pending: outbox.Sent | None) -> None:
     if pending is not None:
         with_database(outbox.record_sent, pending)
 
 
-def _fail(message: Message, error: SendError, result: BatchResult) -> None:
-    """Permanent: failed now. Transient: again after a backoff, until MAX_ATTEMPTS."""
+def _fail(message: Message, error: SendError, result: BatchResult, *, count: bool = False) -> None:
+    """Permanent: failed now. Transient: again after a backoff, until MAX_ATTEMPTS.
+
+    ``count``: the attempt was not counted by a try (the email never reached the wire).
+    """
+    if count and not isinstance(error, PermanentSendError):
+        message.attempts += 1
     max_attempts = int(conf.get("MAX_ATTEMPTS"))
     if isinstance(error, PermanentSendError) or message.attempts >= max_attempts:
         if not isinstance(error, PermanentSendError):
@@ -395,7 +401,12 @@ def _fail(message: Message, error: SendError, result: BatchResult) -> None:
     delay = transport.backoff(max(1, message.attempts))
     max_countdown = float(conf.get("MAX_COUNTDOWN"))
     status = with_database(
-        outbox.record_retry, message, str(error), delay=delay, max_countdown=max_countdown
+        outbox.record_retry,
+        message,
+        str(error),
+        delay=delay,
+        max_countdown=max_countdown,
+        attempts=message.attempts,
     )
     result.retried += 1
     if status == Message.Status.QUEUED:

@@ -291,7 +291,7 @@ def record_failed(message: Message, error: str) -> None:
     now = timezone.now()
     with transaction.atomic():
         Message.objects.filter(pk=message.pk, status=S.SENDING).update(
-            status=S.FAILED, last_error=error[:2000]
+            status=S.FAILED, last_error=error[:2000], attempts=message.attempts
         )
         Event.objects.create(
             message_id=message.pk,
@@ -305,7 +305,14 @@ def record_failed(message: Message, error: str) -> None:
     message.status, message.last_error = S.FAILED, error[:2000]
 
 
-def record_retry(message: Message, error: str, *, delay: float, max_countdown: float) -> str:
+def record_retry(
+    message: Message,
+    error: str,
+    *,
+    delay: float,
+    max_countdown: float,
+    attempts: int | None = None,
+) -> str:
     """A transient failure of this one email: try again after ``delay`` seconds.
 
     Returns the status it now waits in: queued (the broker holds the wake-up) or
@@ -321,6 +328,7 @@ def record_retry(message: Message, error: str, *, delay: float, max_countdown: f
             send_after=send_after,
             queued_at=now,
             attempted_at=None,
+            attempts=message.attempts if attempts is None else attempts,
         )
         Event.objects.create(
             message_id=message.pk,

@@ -172,6 +172,8 @@ MAILER = {
     "MAX_ATTEMPTS": env.int("MAILER_MAX_ATTEMPTS", default=5),
     "RETRY_BACKOFF_BASE": env.float("MAILER_RETRY_BACKOFF_BASE", default=30.0),
     "RETRY_BACKOFF_MAX": env.float("MAILER_RETRY_BACKOFF_MAX", default=3600.0),
+    "SENDING_LEASE": env.float("MAILER_SENDING_LEASE", default=30.0),
+    "STUCK_POLICY": env.str("MAILER_STUCK_POLICY", default="retry"),
 }
 
 # --- The rest ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class MailerConfig(AppConfig):
             receivers.on_password_reset_requested, dispatch_uid="mailer.password_reset"
         )
         from anymail.signals import inbound, tracking
-        from celery.signals import worker_process_init, worker_shutting_down
+        from celery.signals import worker_process_init, worker_ready, worker_shutting_down
         from django.db.models.signals import post_delete, post_save, pre_save
 
         from .models import Template
@@ -32,6 +32,7 @@ class MailerConfig(AppConfig):
         worker_shutting_down.connect(
             receivers.on_worker_stopping, dispatch_uid="mailer.worker_stopping"
         )
+        worker_ready.connect(receivers.on_worker_ready, dispatch_uid="mailer.worker_ready")
         worker_process_init.connect(
             receivers.on_pool_child_start, dispatch_uid="mailer.pool_child_start"
         )

@@ -165,13 +165,24 @@ def claim(queue: str, size: int, token: uuid.UUID) -> list[Message]:
     return list(Message.objects.filter(pk__in=ids, claim_token=token).order_by("id"))
 
 
+# Rows locked in id order, and never waited for: the one the worker is recording at
+# this instant is renewed next time, and renewing can never deadlock with recording.
+_RENEW_SQL = """
+UPDATE mailer_message SET claimed_at = %(now)s
+ WHERE id IN (SELECT id FROM mailer_message
+               WHERE status = 'sending' AND claim_token = ANY(%(tokens)s)
+               ORDER BY id FOR UPDATE SKIP LOCKED)
+"""
+
+
 def renew(tokens: list[uuid.UUID]) -> int:
     """Extend the lease on what a live worker holds; returns the rows renewed."""
     if not tokens:
         return 0
-    return Message.objects.filter(status=S.SENDING, claim_token__in=tokens).update(
-        claimed_at=timezone.now()
-    )
+    now = timezone.now()
+    if postgres():
+        return _run(_RENEW_SQL, {"now": now, "tokens": list(tokens)})
+    return Message.objects.filter(status=S.SENDING, claim_token__in=tokens).update(claimed_at=now)
 
 
 def stopped_campaigns(campaign_ids: set[int]) -> set[int]:

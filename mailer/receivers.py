@@ -6,7 +6,8 @@ import signal
 
 from billiard.process import active_children
 
-from . import accounts, delivery, rendering, tracking, unsubscribe
+from . import accounts, conf, delivery, dispatch, rendering, tracking, unsubscribe
+from .models import Queue
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ def on_worker_stopping(sender=None, **kwargs) -> None:
             os.kill(child.pid, signal.SIGTERM)
         except (OSError, TypeError):
             continue  # already gone
+
+
+def on_worker_ready(sender=None, **kwargs) -> None:
+    """A worker that starts looks for work at once: mail a dead worker left queued does
+    not wait for beat."""
+    consumer = getattr(sender, "task_consumer", None)
+    names = {queue.name for queue in getattr(consumer, "queues", None) or ()}
+    for queue in Queue:
+        if not names or conf.queue_name(queue) in names:
+            dispatch.kick(queue)
 
 
 def on_pool_child_start(**kwargs) -> None:

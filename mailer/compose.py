@@ -238,7 +238,8 @@ def build_email(
         headers[idempotency] = str(message.uuid)  # a resend in doubt is dropped by the ESP
     marketing = message.kind != Kind.TRANSACTIONAL
     links = unsubscribe_links(message.to_email, message.uuid) if marketing else None
-    rendered = compiled.render(message_context(message, links))
+    context = message_context(message, links)
+    rendered = compiled.render(context)
     html = rendered.html
     if links is not None:
         headers.update(unsubscribe_headers(links))
@@ -257,9 +258,7 @@ def build_email(
     subject, from_email, reply_to = rendered.subject, conf.from_email(), []
     campaign, variant = message.campaign, message.variant
     if variant is not None and variant.subject:
-        subject = rendering.subject_template(variant.subject).render_subject(
-            message_context(message, links)
-        )
+        subject = rendering.subject_template(variant.subject).render_subject(context)
     if campaign is not None or variant is not None:
         sender_name = (variant.from_name if variant else "") or (
             campaign.from_name if campaign else ""

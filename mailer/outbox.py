@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
+from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
 from django.utils import timezone
 
 from . import conf, dispatch
@@ -145,7 +145,16 @@ def claim(queue: str, size: int, token: uuid.UUID) -> list[Message]:
             "running": list(CampaignStatus.running()),
         }
         sql = _CLAIM_SQL.format(running=_RUNNING_SQL if campaign_queue else "")
-        return sorted(Message.objects.raw(sql, params), key=lambda m: m.pk)
+        claimed = sorted(Message.objects.raw(sql, params), key=lambda m: m.pk)
+    else:
+        claimed = _claim_portable(queue, size, token, now)
+    # Composing reads these for every email: one query each per batch, not per email.
+    prefetch_related_objects(claimed, "contact", "campaign", "variant")
+    return claimed
+
+
+def _claim_portable(queue: Queue, size: int, token: uuid.UUID, now: datetime) -> list[Message]:
+    campaign_queue = queue == Queue.CAMPAIGN
     due = Message.objects.for_queue(queue).filter(status=S.QUEUED)
     due = due.filter(Q(send_after__isnull=True) | Q(send_after__lte=now))
     if campaign_queue:
@@ -433,7 +442,7 @@ class Recovery:
     untried: int = 0  # claimed, never tried: queued again, attempt not counted
     in_doubt_requeued: int = 0  # tried, outcome unknown: sent again (STUCK_POLICY=retry)
     in_doubt_failed: int = 0  # tried, outcome unknown: failed for a person to decide
-    queues: set = None  # queues that now have mail to send
+    queues: set[Queue] = field(default_factory=set)  # queues that now have mail to send
 
     def total(self) -> int:
         return self.untried + self.in_doubt_requeued + self.in_doubt_failed
@@ -449,7 +458,7 @@ def recover(lease: float, *, policy: str, max_attempts: int, queue: str | None =
     stuck = Message.objects.stuck_sending(lease, now)
     if queue is not None:
         stuck = stuck.for_queue(queue)
-    result = Recovery(queues=set())
+    result = Recovery()
     rows = {
         row[0]: row
         for row in stuck.order_by("id").values_list(

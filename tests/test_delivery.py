@@ -14,7 +14,7 @@ from django.core import mail
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.utils import timezone
 
-from mailer import api, compose, delivery, outbox, transport
+from mailer import api, compose, delivery, outbox, rendering, transport
 from mailer.exceptions import PermanentSendError, ServiceUnavailable, TransientSendError
 from mailer.models import Event, Kind, Message, MessageStatus, Suppression
 from tests.conftest import assert_well_formed
@@ -544,3 +544,32 @@ def test_a_live_worker_keeps_renewing_the_lease_on_a_slow_batch(broker, settings
     assert delivery.drain(Kind.TRANSACTIONAL) == 3
 
     assert claimed_at[0] < claimed_at[1] < claimed_at[2]  # renewed while it was held
+
+
+def _queries_to_drain(count: int) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from mailer.models import Contact
+
+    Message.objects.all().delete()
+    rendering.forget_templates()
+    for n in range(count):
+        contact = Contact.objects.create(email=f"c{count}-{n}@example.com", name="Ada")
+        queue(contact.email, contact=contact)
+    with CaptureQueriesContext(connection) as captured:
+        assert delivery.drain(Kind.TRANSACTIONAL) == count
+    return len(captured)
+
+
+def test_a_batch_costs_one_statement_per_email_beyond_a_fixed_few(smtp, broker):
+    # Contacts, campaigns and variants come with the claim; the only statement per email
+    # is the one that records the previous email and marks this one tried (on SQLite,
+    # the same few statements in one transaction).
+    from django.db import connection
+
+    four, eight, twelve = (_queries_to_drain(n) for n in (4, 8, 12))
+
+    assert twelve - eight == eight - four
+    per_email = (twelve - four) / 8
+    assert per_email == (1 if connection.vendor == "postgresql" else 5)

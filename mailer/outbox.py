@@ -9,11 +9,13 @@ drift apart unseen. Nothing here decides *whether* to send; ``delivery`` does.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 
+import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
 from django.utils import timezone
@@ -45,6 +47,30 @@ def _run(sql: str, params: dict | list) -> int:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return max(cursor.rowcount, 0)
+
+
+def _run_prepared(sql: str, params: dict) -> tuple | None:
+    """Run a statement the worker repeats for every email as a prepared statement.
+
+    Planning it each time costs PostgreSQL more than running it (~1 ms against ~0.2 ms).
+    Django's cursors bind on the client, so this takes a psycopg 3 server-binding cursor
+    on Django's own connection; errors still come out as Django's database errors.
+    """
+    connection.ensure_connection()
+    raw = connection.connection
+    if not isinstance(raw, psycopg.Connection):
+        with connection.cursor() as cursor:  # another driver: plain execution
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+    started = time.monotonic()
+    with connection.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+        cursor.execute(sql, params, prepare=True)
+        row = cursor.fetchone()
+    if connection.queries_logged:  # DEBUG and the test suite's query counts see it too
+        connection.queries_log.append(
+            {"sql": sql, "time": f"{time.monotonic() - started:.3f}", "prepared": True}
+        )
+    return row
 
 
 # --- Adding ------------------------------------------------------------------------------
@@ -233,6 +259,9 @@ RETURNING m.id
 """
 
 
+_RUNNING = [str(status) for status in CampaignStatus.running()]
+
+
 @dataclass
 class Sent:
     """An email the backend accepted whose row still says sending."""
@@ -249,19 +278,15 @@ def try_next(next_message: Message | None, token: uuid.UUID, *, done: Sent | Non
     """
     now = timezone.now()
     if postgres():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _TRY_SQL,
-                {
-                    "now": now,
-                    "done": done.message.pk if done else None,
-                    "pid": done.provider_id if done else "",
-                    "next": next_message.pk if next_message else None,
-                    "token": token,
-                    "running": list(CampaignStatus.running()),
-                },
-            )
-            tried = cursor.fetchone() is not None
+        params = {
+            "now": now,
+            "done": done.message.pk if done else None,
+            "pid": done.provider_id if done else "",
+            "next": next_message.pk if next_message else None,
+            "token": token,
+            "running": _RUNNING,
+        }
+        tried = _run_prepared(_TRY_SQL, params) is not None
     else:
         with transaction.atomic():
             if done is not None:

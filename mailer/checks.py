@@ -10,10 +10,10 @@ from .exceptions import MailerConfigurationError
 
 def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
-    for kind in ("transactional", "campaign"):
+    for queue in ("transactional", "campaign"):
         try:
-            conf.queue_name(kind)
-            conf.rate_limit(kind)
+            conf.queue_name(queue)
+            conf.rate_limit(queue)
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
 

@@ -145,13 +145,13 @@ def get(name: str) -> Any:
     return value
 
 
-def queue_name(kind: str) -> str:
-    """Celery queue for a kind of mail ("transactional" or "campaign")."""
+def queue_name(queue: str) -> str:
+    """The Celery queue name configured for mailer's "transactional" or "campaign" queue."""
     queues = get("QUEUES")
     try:
-        return queues[kind]
+        return queues[str(queue)]
     except KeyError:
-        raise MailerConfigurationError(f"MAILER['QUEUES'] has no {kind!r} queue.") from None
+        raise MailerConfigurationError(f"MAILER['QUEUES'] has no {queue!r} queue.") from None
 
 
 def parse_rate(value: str | None) -> float | None:
@@ -166,9 +166,9 @@ def parse_rate(value: str | None) -> float | None:
     return float(match.group(1)) / _PERIODS[match.group(2)]
 
 
-def rate_limit(queue_kind: str) -> float | None:
+def rate_limit(queue: str) -> float | None:
     """Messages per second allowed on a queue across all workers, or None."""
-    return parse_rate(get("RATE_LIMITS").get(queue_kind))
+    return parse_rate(get("RATE_LIMITS").get(queue))
 
 
 def redis_url() -> str | None:
@@ -209,11 +209,11 @@ TASK_QUEUES = {
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
     """Celery router: put mailer's tasks on the queue named in MAILER['QUEUES']."""
-    kind = TASK_QUEUES.get(name)
-    if kind == PER_QUEUE:
+    queue = TASK_QUEUES.get(name)
+    if queue == PER_QUEUE:
         served = (list(args or ()) or [(kwargs or {}).get("queue")])[0]
-        kind = served if served in ("transactional", "campaign") else "transactional"
-    return {"queue": queue_name(kind)} if kind else None
+        queue = served if served in ("transactional", "campaign") else "transactional"
+    return {"queue": queue_name(queue)} if queue else None
 
 
 # --- Settings that belong to Django or Celery, read here so nothing else needs to. ---

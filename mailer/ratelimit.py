@@ -60,44 +60,44 @@ def burst_for(rate: float) -> float:
     return max(1.0, rate)
 
 
-def reserve(queue_kind: str, tokens: int = 1) -> float:
+def reserve(queue: str, tokens: int = 1) -> float:
     """Reserve tokens on a queue's bucket; return the seconds to wait before sending."""
-    rate = conf.rate_limit(queue_kind)
+    rate = conf.rate_limit(queue)
     if rate is None or tokens <= 0:
         return 0.0
     client = redis_client()
     if client is not None:
-        return _reserve_redis(client, queue_kind, rate, tokens)
-    return _reserve_db(queue_kind, rate, tokens)
+        return _reserve_redis(client, queue, rate, tokens)
+    return _reserve_db(queue, rate, tokens)
 
 
-def acquire(queue_kind: str, tokens: int = 1) -> float:
+def acquire(queue: str, tokens: int = 1) -> float:
     """Block until ``tokens`` sends are allowed on the queue; return the time waited."""
-    wait = reserve(queue_kind, tokens)
+    wait = reserve(queue, tokens)
     if wait > 0:
         time.sleep(wait)
     return wait
 
 
-def chunk_size(queue_kind: str, batch: int) -> int:
+def chunk_size(queue: str, batch: int) -> int:
     """How many sends to reserve at once: at most 100 ms of the rate, so bursts stay small."""
-    rate = conf.rate_limit(queue_kind)
+    rate = conf.rate_limit(queue)
     if rate is None:
         return batch
     return max(1, min(batch, int(rate * 0.1)))
 
 
-def _reserve_redis(client: redis.Redis, queue_kind: str, rate: float, tokens: int) -> float:
+def _reserve_redis(client: redis.Redis, queue: str, rate: float, tokens: int) -> float:
     script = _scripts.get(id(client))
     if script is None:
         script = _scripts[id(client)] = client.register_script(_RESERVE)
-    key = f"mailer:ratelimit:{conf.queue_name(queue_kind)}"
+    key = f"mailer:ratelimit:{conf.queue_name(queue)}"
     return float(script(keys=[key], args=[rate, burst_for(rate), tokens]))
 
 
-def _reserve_db(queue_kind: str, rate: float, tokens: int) -> float:
+def _reserve_db(queue: str, rate: float, tokens: int) -> float:
     burst = burst_for(rate)
-    name = conf.queue_name(queue_kind)
+    name = conf.queue_name(queue)
     with transaction.atomic():
         bucket, _ = RateBucket.objects.select_for_update().get_or_create(
             name=name, defaults={"tokens": burst, "updated": time.time()}

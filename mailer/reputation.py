@@ -23,7 +23,7 @@ def reputation_guard(now: datetime | None = None) -> ReputationPause | None:
     settings = conf.get("REPUTATION")
     since = now - timedelta(hours=float(settings["WINDOW_HOURS"]))
     min_sent = int(settings["MIN_SENT"])
-    marketing = (Kind.CAMPAIGN, Kind.DRIP)
+    marketing = Kind.marketing()
     sent_by_campaign = dict(
         Message.objects.filter(kind__in=marketing, sent_at__gte=since)
         .values_list("campaign")

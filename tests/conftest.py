@@ -635,7 +635,8 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(redis_url):
+def redis_server(broker, redis_url):
+    """Started again at teardown if a test left it stopped (before ``broker`` empties it)."""
     server = RedisServer(redis_url)
     yield server
     if server.stopped:

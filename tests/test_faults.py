@@ -5,6 +5,10 @@ Counted at the SMTP server by recipient: lost = expected recipients never receiv
 duplicated = sum of (count - 1) over recipients received more than once. Each test
 records its figures (``fault_figures``): printed with ``-s`` and listed in the terminal
 summary under "fault figures", pass or fail.
+
+They restart the services they run on, so tests/services.sh must have started them:
+
+    bash tests/services.sh run -- .venv/bin/pytest -m faults -s
 """
 
 from __future__ import annotations
@@ -346,7 +350,7 @@ def test_redis_down_for_10_s_mid_send_loses_fails_and_doubles_nothing(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_postgres_restart_mid_send_loses_and_doubles_nothing_and_leaves_nothing_sending(
-    kind, stack, start_mail, smtp, postgres_server, fault_figures
+    kind, postgres_server, stack, start_mail, smtp, fault_figures
 ):
     mail = start_mail(kind)
     _wait_mid_send(smtp, stack.workers[kind])
@@ -369,7 +373,7 @@ def test_postgres_restart_mid_send_loses_and_doubles_nothing_and_leaves_nothing_
 
 
 def test_cancelling_while_two_processes_drain_never_deadlocks_and_sends_nothing_still_queued(
-    broker, smtp, procfile, marketing, postgres_server, fault_figures
+    postgres_server, broker, smtp, procfile, marketing, fault_figures
 ):
     expected = _contacts(CANCEL_CONTACTS)
     # Unthrottled: both pool processes claim and send as fast as they can.

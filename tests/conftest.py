@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import email
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -38,15 +42,24 @@ def _fresh_template_caches():
     rendering.forget_templates()
 
 
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = ""):
-    """Poll until predicate() is truthy; fail with ``message`` after ``timeout`` seconds."""
+def wait_for(
+    predicate,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "",
+):
+    """Poll until predicate() is truthy; fail with ``message`` after ``timeout`` seconds.
+
+    ``message`` may be a callable, evaluated at the failure, so it can show the state then.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(message or f"condition not met within {timeout}s", pytrace=True)
+            text = message() if callable(message) else message
+            pytest.fail(text or f"condition not met within {timeout}s", pytrace=True)
         time.sleep(interval)
 
 
@@ -148,6 +161,28 @@ def smtp(smtp_server, settings):
     settings.MAILER = {**settings.MAILER, "FROM_EMAIL": FROM_EMAIL, "FROM_NAME": FROM_NAME}
     yield smtp_server
     smtp_server.start()
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What the SMTP server received, counted by recipient against the expected set."""
+
+    expected: int
+    received: int  # recipients over all emails, duplicates included
+    lost: int  # expected recipients never received
+    duplicated: int  # sum of (count - 1) over recipients received more than once
+    unexpected: int  # emails to recipients outside the expected set
+
+
+def tally(smtp: SMTPServer, expected: set[str]) -> Tally:
+    counts = Counter(r.lower() for m in smtp.messages for r in m.rcpt_tos)
+    return Tally(
+        expected=len(expected),
+        received=sum(counts.values()),
+        lost=sum(1 for address in expected if address not in counts),
+        duplicated=sum(n - 1 for n in counts.values() if n > 1),
+        unexpected=sum(n for address, n in counts.items() if address not in expected),
+    )
 
 
 def assert_well_formed(message: email.message.EmailMessage) -> None:
@@ -322,3 +357,312 @@ def live(transactional_db, broker, smtp, start_worker):
     worker = start_worker("transactional", "transactional")
     yield smtp
     worker.stop()
+
+
+# --- Fault injection: Procfile processes, PostgreSQL and Redis restarts --------------------
+
+PROCFILE = REPO / "Procfile"
+SERVICES_SH = REPO / "tests" / "services.sh"
+
+
+def procfile_command(entry: str) -> str:
+    """The command line of one Procfile entry (``worker_campaign``, ``beat``, …)."""
+    for line in PROCFILE.read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() == entry:
+            return command.strip()
+    pytest.fail(f"the Procfile has no {entry!r} entry", pytrace=False)
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc.
+
+    Orphans of a killed main process are reparented and may linger as zombies where
+    PID 1 does not reap them, so ``killpg(pgid, 0)`` alone would never say "gone".
+    """
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp …
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+class ProcfileProcess:
+    """One Procfile entry run as honcho or systemd runs it: ``bash -c 'exec CMD'`` in a
+    process group of its own (start_new_session), so a test can signal the main process
+    alone (``docker stop``) or the whole group (systemd, honcho, ``kill -9`` of a unit)."""
+
+    def __init__(self, entry: str, env: dict[str, str], log_path: Path, ready: bytes):
+        self.entry, self.env, self.log_path, self.ready = entry, env, log_path, ready
+        self.command = procfile_command(entry)
+        self.process: subprocess.Popen | None = None
+
+    def spawn(self) -> ProcfileProcess:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
+        self.process = subprocess.Popen(
+            ["bash", "-c", f"exec {self.command}"],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> ProcfileProcess:
+        deadline = time.monotonic() + timeout
+        while self.ready not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{self.entry} did not start:\n{self.log()}", pytrace=False)
+            time.sleep(0.1)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def concurrency(self) -> int:
+        """Pool processes of a worker: the Procfile's --concurrency with this env."""
+        args = shlex.split(self.command)
+        value = args[args.index("--concurrency") + 1]
+        if value.startswith("${"):
+            name, _, default = value[2:-1].partition(":-")
+            value = self.env.get(name) or default
+        return int(value)
+
+    def members(self) -> list[int]:
+        if self.process is None:
+            return []
+        self.process.poll()  # reap the main process once it exits
+        return process_group(self.pid)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: the main process and every pool process."""
+        self.signal_group(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, as ``docker stop`` sends it."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def terminate_group(self) -> None:
+        """SIGTERM to every process of the group, as systemd and honcho send it."""
+        self.signal_group(signal.SIGTERM)
+
+    def signal_group(self, signum: int) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def wait_gone(self, timeout: float) -> float | None:
+        """Seconds until the main process and all its children are gone, or None."""
+        start = time.monotonic()
+        while self.members():
+            if time.monotonic() - start > timeout:
+                return None
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        """Kill what is left (teardown: the test's state no longer matters)."""
+        if self.process is not None and self.members():
+            self.kill()
+            if self.wait_gone(15) is None:
+                pytest.fail(f"{self.entry} (pid {self.pid}) survived SIGKILL", pytrace=False)
+
+    def log(self, tail: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+
+class Procfile:
+    """Starts Procfile entries against the test services; kills them all at teardown."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        bin_dir = str(Path(sys.executable).parent)  # the venv's celery first on PATH
+        self.env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+        self.log_dir = log_dir
+        self.started: list[ProcfileProcess] = []
+
+    def process(self, entry: str, **extra_env: str) -> ProcfileProcess:
+        ready = b"beat: Starting..." if entry == "beat" else b" ready."
+        log_path = self.log_dir / f"{entry}-{len(self.started)}.log"
+        process = ProcfileProcess(entry, {**self.env, **extra_env}, log_path, ready)
+        self.started.append(process)
+        return process
+
+    def start(self, *processes: ProcfileProcess) -> None:
+        """Start several at once (they load Django in parallel) and wait for each."""
+        for process in processes:
+            if process.entry == "beat":
+                install_beat_schedule()
+            process.spawn()
+        for process in processes:
+            process.wait_ready()
+
+    def worker(self, queue: str, **extra_env: str) -> ProcfileProcess:
+        """A started ``worker_<queue>`` Procfile entry."""
+        process = self.process(f"worker_{queue}", **extra_env)
+        self.start(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+def install_beat_schedule() -> None:
+    """transactional_db flushed django-celery-beat's tables: write mailer's rows again."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    from mailer.beat import install_schedule
+
+    install_schedule(PeriodicTask, IntervalSchedule)
+
+
+@pytest.fixture
+def procfile(worker_env, tmp_path):
+    """Factory for Procfile processes (workers, beat) that live only for this test."""
+    launcher = Procfile(worker_env, tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+def _services_sh(action: str, env: dict[str, str], timeout: float = 120.0) -> float:
+    """Run ``tests/services.sh ACTION``; return its duration, fail the test with its output."""
+    start = time.monotonic()
+    try:
+        result = subprocess.run(
+            ["bash", str(SERVICES_SH), *action.split()],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tests/services.sh {action} took more than {timeout}s", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(
+            f"tests/services.sh {action} failed ({result.returncode}):\n{result.stderr}",
+            pytrace=False,
+        )
+    return time.monotonic() - start
+
+
+class PostgresServer:
+    """The PostgreSQL cluster tests/services.sh started: restart it, read its log."""
+
+    def __init__(self, data: str, log: Path, port: str):
+        self.data, self.log_path, self.port = data, log, port
+
+    def restart(self) -> float:
+        """``pg_ctl restart -m fast`` (as the postgres user when root); returns seconds.
+
+        The server drops every connection, this process's too: it is closed here, so
+        Django opens a fresh one on the next query.
+        """
+        seconds = _services_sh(
+            "pg-restart",
+            {
+                "MAILER_TEST_PG_DATA": self.data,
+                "MAILER_TEST_PG_LOG": str(self.log_path),
+                "MAILER_TEST_PG_PORT": self.port,
+            },
+        )
+        connection.close()
+        return seconds
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+
+@pytest.fixture
+def postgres_server(test_database_url, django_db_blocker) -> PostgresServer:
+    """The test cluster; fails (never skips) unless tests/services.sh started it."""
+    data, log = os.environ.get("MAILER_TEST_PG_DATA"), os.environ.get("MAILER_TEST_PG_LOG")
+    if not data or not log:
+        pytest.fail(
+            "MAILER_TEST_PG_DATA / MAILER_TEST_PG_LOG are not set: PostgreSQL was not started "
+            "by tests/services.sh, so this test cannot restart it or read its log. Run "
+            "`bash tests/services.sh run -- pytest …` with no PostgreSQL already on the port.",
+            pytrace=False,
+        )
+    if not Path(log).is_file():
+        pytest.fail(f"PostgreSQL's log {log} does not exist", pytrace=False)
+    with django_db_blocker.unblock():
+        port = str(connection.settings_dict["PORT"])
+    return PostgresServer(data, Path(log), port)
+
+
+class RedisServer:
+    """The Redis tests/services.sh started, stopped and started again on the same port."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.port = str(urlsplit(url).port or 6379)
+        self.stopped = False
+
+    def _env(self) -> dict[str, str]:
+        return {"MAILER_TEST_REDIS_PORT": self.port}
+
+    def stop(self, *, keep_data: bool = True) -> float:
+        """Stop the server; by default after a snapshot, so its queues come back."""
+        seconds = _services_sh("redis-stop" + ("" if keep_data else " --nosave"), self._env())
+        self.stopped = True
+        return seconds
+
+    def start(self) -> float:
+        seconds = _services_sh("redis-start", self._env())
+        self.stopped = False
+        return seconds
+
+
+@pytest.fixture
+def redis_server(broker, redis_url):
+    """Started again at teardown if a test left it stopped (before ``broker`` empties it)."""
+    server = RedisServer(redis_url)
+    yield server
+    if server.stopped:
+        server.start()
+
+
+_FAULT_FIGURES: list[tuple[str, dict]] = []
+
+
+@pytest.fixture
+def fault_figures(request, record_property):
+    """A dict the test fills with its figures (lost, duplicated, seconds…): recorded as
+    properties, printed, and listed again in the terminal summary, pass or fail."""
+    figures: dict[str, object] = {}
+    yield figures
+    if figures:
+        for name, value in figures.items():
+            record_property(name, value)
+        _FAULT_FIGURES.append((request.node.nodeid, figures))
+        line = ", ".join(f"{name}={value}" for name, value in figures.items())
+        print(f"\nFAULT FIGURES {request.node.name}: {line}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FAULT_FIGURES:
+        terminalreporter.section("fault figures")
+        for nodeid, figures in _FAULT_FIGURES:
+            line = ", ".join(f"{name}={value}" for name, value in figures.items())
+            terminalreporter.write_line(f"{nodeid}: {line}")

@@ -11,6 +11,15 @@
 #   bash tests/services.sh stop                 stop what `start` started
 #   bash tests/services.sh env                  print the `export ...` lines
 #
+# Fault injection (tests/test_faults.py), only on services this script started:
+#   bash tests/services.sh redis-stop [--nosave]  stop Redis; by default a snapshot is
+#                                                 saved first, so redis-start brings the
+#                                                 queues back (--nosave: data is lost)
+#   bash tests/services.sh redis-start            start Redis again, same port, same
+#                                                 command line, loading that snapshot
+#   bash tests/services.sh pg-restart             pg_ctl restart -m fast of the cluster
+#                                                 named by MAILER_TEST_PG_DATA
+#
 # A service whose port already answers is reused and never stopped by this script.
 # Missing binaries (redis-server, PostgreSQL's initdb) are installed with apt-get.
 #
@@ -25,6 +34,9 @@
 #   DATABASE_URL=postgres://mailer:mailer@127.0.0.1:$PG_PORT/mailer
 #   MAILER_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 #   CELERY_BROKER_URL=redis://127.0.0.1:$REDIS_PORT/0
+#   MAILER_TEST_PG_PORT, MAILER_TEST_REDIS_PORT   the ports in use
+#   MAILER_TEST_PG_DATA, MAILER_TEST_PG_LOG       the cluster's data directory and server
+#                                                 log, only when this script started it
 #
 # State lives in var/test-services/ (git-ignored). The PostgreSQL cluster is re-created
 # from scratch every time this script has to start PostgreSQL itself.
@@ -66,7 +78,7 @@ die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -346,11 +358,16 @@ stop_stale_redis() {
     rm -f "$REDIS_PID"
 }
 
-start_redis() {
+start_redis() {  # start_redis [keep]: keep loads the snapshot redis-stop saved
     ensure_redis_bin
     mkdir -p "$REDIS_DIR"
     stop_stale_redis
-    : >"$REDIS_LOG"
+    if [ "${1:-}" = keep ]; then
+        : >>"$REDIS_LOG"
+    else
+        rm -f "$REDIS_DIR/dump.rdb"   # a fresh start never sees a previous run's queues
+        : >"$REDIS_LOG"
+    fi
     log "starting Redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on $HOST:$REDIS_PORT"
     if ! redis-server --bind "$HOST" --port "$REDIS_PORT" --save '' --appendonly no \
             --daemonize yes --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" --dir "$REDIS_DIR" \
@@ -415,6 +432,13 @@ print_env() {
     printf 'export DATABASE_URL=%s\n' "postgres://$DB_USER:$DB_PASSWORD@$HOST:$PG_PORT/$DB_NAME"
     printf 'export MAILER_TEST_REDIS_URL=%s\n' "$redis_url"
     printf 'export CELERY_BROKER_URL=%s\n' "$redis_url"
+    printf 'export MAILER_TEST_PG_PORT=%s\n' "$PG_PORT"
+    printf 'export MAILER_TEST_REDIS_PORT=%s\n' "$REDIS_PORT"
+    # Only a cluster this script started may be restarted by the fault tests.
+    if [ "$STARTED_PG" = 1 ] || [ -f "$PG_OWNED" ]; then
+        printf 'export MAILER_TEST_PG_DATA=%q\n' "$PG_DATA"
+        printf 'export MAILER_TEST_PG_LOG=%q\n' "$PG_LOG"
+    fi
 }
 
 export_env() {
@@ -474,6 +498,63 @@ cmd_stop() {
     [ "$any" = 1 ] || log "nothing to stop (no services were started by 'start')"
 }
 
+# ---------------------------------------------------------------------------- faults
+
+redis_is_ours() {
+    local pid=""
+    [ -f "$REDIS_PID" ] && pid=$(cat "$REDIS_PID" 2>/dev/null || true)
+    pid_is "$pid" redis
+}
+
+cmd_redis_stop() {
+    redis_is_ours || die "Redis on $HOST:$REDIS_PORT was not started by this script \
+(no live pid in $REDIS_PID); refusing to stop it"
+    local pid
+    pid=$(cat "$REDIS_PID")
+    if [ "${1:-}" = --nosave ]; then
+        rm -f "$REDIS_DIR/dump.rdb"
+        stop_redis
+    else
+        # A clean shutdown that keeps the data, as a Redis with persistence does:
+        # SHUTDOWN SAVE writes a snapshot even though the server runs with --save ''.
+        if command -v redis-cli >/dev/null 2>&1; then
+            timeout 30 redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown save >/dev/null 2>&1 || true
+        else
+            (
+                exec 3<>"/dev/tcp/$HOST/$REDIS_PORT" || exit 1
+                printf 'SHUTDOWN SAVE\r\n' >&3
+                IFS= read -r -t 30 _ <&3 || true
+            ) 2>/dev/null || true
+        fi
+        local i
+        for ((i = 0; i < 120; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.25
+        done
+        kill -0 "$pid" 2>/dev/null && die "Redis (pid $pid) did not shut down"
+        [ -f "$REDIS_DIR/dump.rdb" ] || die "Redis shut down without a snapshot in $REDIS_DIR"
+        rm -f "$REDIS_PID"
+    fi
+    log "Redis on $HOST:$REDIS_PORT stopped"
+}
+
+cmd_redis_start() {
+    redis_answers && die "something already answers on $HOST:$REDIS_PORT"
+    start_redis keep
+}
+
+cmd_pg_restart() {
+    local data=${MAILER_TEST_PG_DATA:-} pg_log=${MAILER_TEST_PG_LOG:-/dev/null}
+    [ -n "$data" ] || die "MAILER_TEST_PG_DATA is not set: only a cluster started by \
+'tests/services.sh run' or 'start' can be restarted"
+    as_pg test -f "$data/postmaster.pid" || die "no running cluster in $data"
+    ensure_pg_bin
+    log "pg_ctl restart -m fast ($data)"
+    as_pg "$PG_BIN/pg_ctl" -D "$data" -l "$pg_log" -w -t "$START_TIMEOUT" restart -m fast \
+        >/dev/null || die "pg_ctl restart failed (log: $pg_log)"
+    wait_for PostgreSQL pg_answers || die "PostgreSQL does not answer after the restart"
+}
+
 main() {
     local action=${1:-}
     [ $# -gt 0 ] && shift
@@ -485,6 +566,9 @@ main() {
         start) cmd_start ;;
         stop) cmd_stop ;;
         env) print_env ;;
+        redis-stop) cmd_redis_stop "$@" ;;
+        redis-start) cmd_redis_start ;;
+        pg-restart) cmd_pg_restart ;;
         -h | --help | help) usage ;;
         *) usage ;;
     esac

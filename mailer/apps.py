@@ -21,7 +21,7 @@ class MailerConfig(AppConfig):
             receivers.on_password_reset_requested, dispatch_uid="mailer.password_reset"
         )
         from anymail.signals import inbound, tracking
-        from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+        from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutting_down
         from django.db.models.signals import post_delete, post_save, pre_save
 
         from .models import Template
@@ -33,9 +33,8 @@ class MailerConfig(AppConfig):
             receivers.on_worker_stopping, dispatch_uid="mailer.worker_stopping"
         )
         worker_ready.connect(receivers.on_worker_ready, dispatch_uid="mailer.worker_ready")
-        worker_process_init.connect(
-            receivers.on_pool_child_start, dispatch_uid="mailer.pool_child_start"
-        )
+        task_prerun.connect(receivers.on_task_starting, dispatch_uid="mailer.task_starting")
+        task_postrun.connect(receivers.on_task_finished, dispatch_uid="mailer.task_finished")
         for signal in (post_save, post_delete):
             signal.connect(
                 receivers.on_template_changed,

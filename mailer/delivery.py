@@ -51,14 +51,6 @@ def request_stop() -> None:
     _stop_event.set()
 
 
-_busy = 0
-
-
-def busy() -> bool:
-    """A drain is running in this process (a signal handler asks)."""
-    return _busy > 0
-
-
 def stopping() -> bool:
     global _stop_at
     if _stop_at is None:
@@ -196,15 +188,7 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
 
     Returns how many emails were sent.
     """
-    global _busy
-    _busy += 1
-    try:
-        return _drain(Queue(queue))
-    finally:
-        _busy -= 1
-
-
-def _drain(queue: Queue) -> int:
+    queue = Queue(queue)
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
     size = batch_size(queue)
     total = 0
@@ -222,7 +206,9 @@ def _drain(queue: Queue) -> int:
             # The server is unreachable: the batch waits, and so does this queue.
             dispatch.kick(queue, countdown=result.wait)
             return total
-    dispatch.kick(queue)  # hand over to a fresh task (or another worker, on shutdown)
+    # Hand over to a fresh task; on shutdown a few seconds later, to another worker, so a
+    # process told to stop never spins on its own wake-ups.
+    dispatch.kick(queue, countdown=5 if stopping() else None)
     return total
 
 

@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import threading
 
 from billiard.process import active_children
 
@@ -47,7 +48,7 @@ def on_template_saving(sender, instance, **kwargs) -> None:
 def on_worker_stopping(sender=None, **kwargs) -> None:
     """Celery's warm shutdown began (main process): stop claiming here, and tell the pool
     children, which Celery does not signal, to finish or hand back what they hold."""
-    delivery.request_stop()
+    delivery.request_stop()  # the solo and threads pools drain in this process
     for child in active_children():
         try:
             os.kill(child.pid, signal.SIGTERM)
@@ -65,15 +66,27 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             dispatch.kick(queue)
 
 
-def on_pool_child_start(**kwargs) -> None:
-    """A pool child: SIGTERM (forwarded above, or sent to the whole process group by
-    systemd or honcho) means finish the email on the wire, hand back the rest."""
-    signal.signal(signal.SIGTERM, _stop_or_exit)
+def on_task_starting(sender=None, **kwargs) -> None:
+    """While a drain runs in a pool child, SIGTERM (forwarded above, or sent to the whole
+    process group by systemd or honcho) means: finish the email on the wire, hand back
+    the rest, return. Billiard's own handler, which exits at once, is put back after."""
+    if getattr(sender, "name", "") in DRAIN_TASK_NAMES and _in_main_thread():
+        _previous_handlers.append(signal.signal(signal.SIGTERM, _stop_draining))
 
 
-def _stop_or_exit(signum, frame) -> None:
-    if delivery.busy() and not delivery.stopping():
-        delivery.request_stop()
-    else:  # nothing held: exit as Celery's children always did
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+def on_task_finished(sender=None, **kwargs) -> None:
+    if getattr(sender, "name", "") in DRAIN_TASK_NAMES and _in_main_thread():
+        if _previous_handlers:
+            signal.signal(signal.SIGTERM, _previous_handlers.pop())
+
+
+DRAIN_TASK_NAMES = frozenset(dispatch.DRAIN_TASKS.values())
+_previous_handlers: list = []
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop_draining(signum, frame) -> None:
+    delivery.request_stop()

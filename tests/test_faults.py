@@ -25,6 +25,7 @@ from django.db.models import Count, QuerySet
 from mailer import api, campaigns
 from mailer.models import (
     Campaign,
+    Event,
     CampaignStatus,
     Contact,
     Kind,
@@ -54,7 +55,7 @@ EXIT_WAIT = 45  # how long to wait for a slower exit, to measure it
 REDIS_DOWN_SECONDS = 10
 QUIET_SECONDS = 3  # no email for this long: late duplicates had their chance
 # The claim a live worker renews; a dead worker's claims are recovered after it. Beat's
-# recovery runs every 60 s, so 30 s of lease keeps recovery within RECOVERY_SECONDS.
+# recovery runs every 15 s per queue, so a dead worker's claims are back within 45 s.
 SENDING_LEASE = "30"
 CANCEL_ROUNDS = 10
 CANCEL_CONTACTS = 1_500
@@ -296,6 +297,7 @@ SIGTERMS = [
     pytest.param("campaign", "main", id="campaign-main-process"),
     pytest.param("campaign", "group", id="campaign-process-group"),
     pytest.param("transactional", "main", id="transactional-main-process"),
+    pytest.param("transactional", "group", id="transactional-process-group"),
 ]
 
 
@@ -326,6 +328,8 @@ def test_sigterm_stops_the_worker_within_10_s_and_a_new_worker_finishes_without_
         f"the worker took {shown} s to exit:\n{worker.log(3000)}"
     )
     _assert_delivered_once(outcome)
+    # A warm shutdown hands its claims back itself: nothing waited for lease recovery.
+    assert not Event.objects.filter(data__has_key="recovered").exists()
 
 
 # --- Services down ----------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from django.db.models import Count, QuerySet
 from mailer import api, campaigns
 from mailer.models import (
     Campaign,
-    Event,
     CampaignStatus,
     Contact,
+    Event,
     Kind,
     Message,
     MessageStatus,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
+from django.utils import timezone
 
 from . import compose, conf, dispatch, outbox, ratelimit, transport
 from .exceptions import PermanentSendError, SendError, ServiceUnavailable
@@ -253,10 +254,12 @@ def send_batch(
     token: uuid.UUID | None = None,
     deadline: float | None = None,
 ) -> BatchResult:
-    """Send messages claimed under ``token``, recording each outcome as it happens.
+    """Send messages claimed under ``token``, noting each outcome before the next email.
 
-    What is not tried (a stop request, the deadline, an outage, a stopped campaign) is
-    handed back to the queue untouched.
+    Before an email goes on the wire, its claim notes the previous one as sent and this
+    one as tried; failures and skips are written at once; the sent emails' rows are
+    written when the batch ends. What is not tried (a stop request, the deadline, an
+    outage) is handed back to the queue untouched.
     """
     queue = Queue(queue)
     token = token or (messages[0].claim_token if messages else None)
@@ -270,10 +273,10 @@ def send_batch(
     link_cache: dict[str, int] = {}
     stopped = with_database(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
     checked = time.monotonic()
+    batch = outbox.Batch(token=token)
     untried: list[Message] = []
-    suppressed: list[Message] = []
     uncount: list[Message] = []
-    pending: outbox.Sent | None = None  # sent, recorded with the next try
+    pending: outbox.Sent | None = None  # sent; noted on the claim with the next try
     with Lease(token):
         try:
             for index, message in enumerate(messages):
@@ -283,18 +286,19 @@ def send_batch(
                 if message.campaign_id and time.monotonic() - checked > STATE_CHECK_SECONDS:
                     stopped = with_database(outbox.stopped_campaigns, {message.campaign_id})
                     checked = time.monotonic()
+                # Whatever is not sent is written at once: recovery counts every message of
+                # this claim still in sending, up to the last one sent, as having left.
                 if message.campaign_id in stopped:
-                    untried.append(message)
+                    result.released += with_database(outbox.release, [message], token)
                     continue
                 if message.to_email in blocked:
-                    suppressed.append(message)
+                    result.suppressed += with_database(outbox.record_suppressed, [message])
                     continue
                 try:
                     email = with_database(_compose, message, templates, link_cache)
                 except Exception as exc:  # noqa: BLE001 - classify sorts every failure
                     # A template that cannot render fails at once; an unknown error is
                     # retried, and counts as an attempt although nothing left.
-                    pending = _record(pending)
                     _fail(message, transport.classify(exc), result, count=True)
                     continue
                 if not limiter.take():
@@ -310,10 +314,12 @@ def send_batch(
                     untried.extend(messages[index:])
                     break
                 tried = with_database(outbox.try_next, message, token, done=pending)
-                pending = None
+                if pending is not None:
+                    batch.sent.append((pending, timezone.now()))
+                    pending = None
                 if not tried:  # its campaign stopped, or the claim lapsed
                     stopped |= {message.campaign_id} - {None}
-                    untried.append(message)
+                    result.released += with_database(outbox.release, [message], token)
                     continue
                 try:
                     sender.send(email)
@@ -321,6 +327,7 @@ def send_batch(
                     # The connection failed under this email: it most likely did not
                     # leave. It waits with the rest; its attempt does not count.
                     _outage(queue, error, result)
+                    message.attempts -= 1
                     uncount.append(message)
                     continue
                 except SendError as error:
@@ -331,12 +338,16 @@ def send_batch(
                 result.sent += 1
         finally:
             sender.close()
-            _record(pending)
-            wait, why = result.wait, result.outage
-            result.released = with_database(
-                outbox.release, untried, token, delay=wait, reason=why
-            ) + with_database(outbox.release, uncount, token, delay=wait, reason=why, uncount=True)
-            result.suppressed = with_database(outbox.record_suppressed, suppressed)
+            if pending is not None:
+                batch.sent.append((pending, timezone.now()))
+            result.released += with_database(
+                outbox.finish,
+                batch,
+                untried,
+                delay=result.wait,
+                reason=result.outage,
+                uncount=uncount,
+            )
     for countdown in sorted(result.countdowns):
         dispatch.kick(queue, countdown=countdown)
     if result.sent or result.failed or result.retried:
@@ -354,6 +365,10 @@ def send_batch(
     return result
 
 
+def _compose(message: Message, templates: compose.Templates, link_cache: dict) -> PreparedEmail:
+    return compose.build_email(message, templates.for_message(message), link_cache=link_cache)
+
+
 def _outage(queue: Queue, error: SendError, result: BatchResult) -> None:
     result.wait, result.outage = transport.outage.failed(), str(error)
     logger.warning(
@@ -361,21 +376,12 @@ def _outage(queue: Queue, error: SendError, result: BatchResult) -> None:
     )
 
 
-def _compose(message: Message, templates: compose.Templates, link_cache: dict) -> PreparedEmail:
-    return compose.build_email(message, templates.for_message(message), link_cache=link_cache)
-
-
-def _record(pending: outbox.Sent | None) -> None:
-    if pending is not None:
-        with_database(outbox.record_sent, pending)
-
-
 def _fail(message: Message, error: SendError, result: BatchResult, *, count: bool = False) -> None:
     """Permanent: failed now. Transient: again after a backoff, until MAX_ATTEMPTS.
 
     ``count``: the attempt was not counted by a try (the email never reached the wire).
     """
-    if count and not isinstance(error, PermanentSendError):
+    if count:
         message.attempts += 1
     max_attempts = int(conf.get("MAX_ATTEMPTS"))
     if isinstance(error, PermanentSendError) or message.attempts >= max_attempts:
@@ -392,7 +398,6 @@ def _fail(message: Message, error: SendError, result: BatchResult, *, count: boo
         str(error),
         delay=delay,
         max_countdown=max_countdown,
-        attempts=message.attempts,
     )
     result.retried += 1
     if status == Message.Status.QUEUED:

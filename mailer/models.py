@@ -509,11 +509,8 @@ class Message(models.Model):
     send_after = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     queued_at = models.DateTimeField(null=True, blank=True)
-    # The lease: a live worker renews it; one that stops renewing has its claim recovered.
+    # When a worker claimed it (under claim_token; the lease lives on its Claim).
     claimed_at = models.DateTimeField(null=True, blank=True)
-    # When this attempt went to the backend; NULL while claimed and not tried yet, so a
-    # dead worker's untried claims go back untouched and only its last one is in doubt.
-    attempted_at = models.DateTimeField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     # The first event of each kind (opens and clicks by people only, not scanners), kept
     # on the message so a million-recipient report is one pass over its messages instead
@@ -553,6 +550,26 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.template_slug} → {self.to_email} [{self.status}]"
+
+
+class Claim(models.Model):
+    """A worker's hold on one batch of messages: its lease, and how far it got.
+
+    Messages are tried in id order; ``tried_through`` and ``sent_through`` are written
+    before each email goes on the wire (one small row, cheap to update), so when a worker
+    dies recovery knows which of its messages left, which single one is in doubt, and
+    which were never tried. The messages' own rows are updated once per batch.
+    """
+
+    token = models.UUIDField(primary_key=True, editable=False)
+    queue = models.CharField(max_length=20, choices=Queue.choices)
+    tried_through = models.BigIntegerField(null=True, blank=True)
+    sent_through = models.BigIntegerField(null=True, blank=True)
+    renewed_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.queue} claim {self.token}"
 
 
 class EventType(models.TextChoices):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import smtplib
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -16,7 +15,7 @@ from django.utils import timezone
 
 from mailer import api, compose, delivery, outbox, rendering, transport
 from mailer.exceptions import PermanentSendError, ServiceUnavailable, TransientSendError
-from mailer.models import Event, Kind, Message, MessageStatus, Suppression
+from mailer.models import Claim, Event, Kind, Message, MessageStatus, Suppression
 from tests.conftest import assert_well_formed
 from tests.factories import MessageFactory, SuppressionFactory
 
@@ -292,91 +291,6 @@ def test_classify_makes_an_unknown_error_transient_never_permanent():
 # --- Recovery and retry -------------------------------------------------------------------
 
 
-def stuck(*, tried: bool, **fields) -> Message:
-    """A claim whose lease lapsed: its worker stopped renewing it."""
-    lapsed = timezone.now() - timedelta(seconds=31)
-    return queue(
-        fields.pop("to", "ada@example.com"),
-        status=MessageStatus.SENDING,
-        claimed_at=lapsed,
-        attempted_at=lapsed if tried else None,
-        attempts=1 if tried else 0,
-        **fields,
-    )
-
-
-def test_recover_queues_untried_claims_again_without_counting_an_attempt(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="fail")
-    untried = stuck(tried=False)
-    fresh = queue("bob@example.com", status=MessageStatus.SENDING, claimed_at=timezone.now())
-
-    counts = outbox.recover_stuck()
-
-    assert counts["untried"] == 1
-    assert counts["in_doubt_failed"] == counts["in_doubt_requeued"] == 0
-    untried.refresh_from_db()
-    assert (untried.status, untried.attempts, untried.claim_token) == ("queued", 0, None)
-    event = untried.events.get()
-    assert event.event_type == Event.Type.DEFERRED
-    assert event.data == {"recovered": "untried"}
-    assert event.recipient == "ada@example.com"
-    fresh.refresh_from_db()
-    assert fresh.status == MessageStatus.SENDING
-
-
-def test_recover_sends_the_email_in_doubt_again_under_retry_policy(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="retry")
-    message = stuck(tried=True)
-
-    counts = outbox.recover_stuck()
-
-    assert counts["in_doubt_requeued"] == 1
-    message.refresh_from_db()
-    assert message.status == MessageStatus.QUEUED
-    assert message.attempted_at is None
-    assert "may or may not have left" in message.last_error
-    assert "STUCK_POLICY=retry" in message.last_error
-    # The history keeps it, whatever the next send writes.
-    assert message.events.get().data == {"recovered": "in doubt"}
-
-
-def test_recover_fails_the_email_in_doubt_under_fail_policy(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="fail")
-    message = stuck(tried=True)
-
-    counts = outbox.recover_stuck()
-
-    assert counts["in_doubt_failed"] == 1
-    message.refresh_from_db()
-    assert message.status == MessageStatus.FAILED
-    assert "STUCK_POLICY=fail" in message.last_error
-    assert message.events.get().event_type == Event.Type.FAILED
-
-
-def test_recover_fails_an_email_in_doubt_out_of_attempts(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=30, STUCK_POLICY="retry", MAX_ATTEMPTS=3)
-    message = stuck(tried=True)
-    Message.objects.filter(pk=message.pk).update(attempts=3)
-
-    outbox.recover_stuck()
-
-    message.refresh_from_db()
-    assert message.status == MessageStatus.FAILED
-    assert "attempts exhausted" in message.last_error
-
-
-def test_a_live_worker_renews_its_lease_so_recovery_leaves_its_claims_alone(broker, settings):
-    mailer_settings(settings, SENDING_LEASE=30)
-    token = uuid.uuid4()
-    held = stuck(tried=False, claim_token=token)
-
-    assert outbox.renew([token]) == 1
-
-    assert outbox.recover_stuck()["untried"] == 0
-    held.refresh_from_db()
-    assert held.status == MessageStatus.SENDING
-
-
 def test_requeue_puts_failed_messages_back_with_attempts_reset():
     failed = queue("ada@example.com", status=MessageStatus.FAILED, attempts=5, last_error="550")
     sent = queue("bob@example.com", status=MessageStatus.SENT, attempts=1)
@@ -463,9 +377,8 @@ class Watching(LocmemBackend):
     def send_messages(self, messages):
         for email in messages:
             pk = int(Message.objects.get(uuid=email.extra_headers["X-Mailer-Message-Id"]).pk)
-            sent = Message.objects.filter(status=MessageStatus.SENT).count()
-            tried = Message.objects.filter(pk=pk, attempted_at__isnull=False).exists()
-            Watching.seen.append((pk, sent, tried))
+            hold = Claim.objects.get()
+            Watching.seen.append((pk, hold.sent_through, hold.tried_through))
             if Watching.on_send:
                 Watching.on_send(len(Watching.seen))
         return super().send_messages(messages)
@@ -487,10 +400,15 @@ def test_each_outcome_is_recorded_before_the_next_email_goes_out(broker, watchin
 
     assert delivery.drain(Kind.TRANSACTIONAL) == 5
 
-    # Email n went out with the n emails before it recorded, and itself marked tried:
-    # a crash at any moment leaves at most the one on the wire in doubt.
-    assert [(sent, tried) for _, sent, tried in watching.seen] == [(n, True) for n in range(5)]
+    # Each email went out with the one before it noted as sent and itself as tried: a
+    # crash at any moment leaves at most the one on the wire in doubt.
+    ids = [pk for pk, _, _ in watching.seen]
+    assert ids == sorted(ids)
+    assert [(sent, tried) for _, sent, tried in watching.seen] == list(
+        zip([None, *ids[:-1]], ids, strict=True)
+    )
     assert Message.objects.filter(status=MessageStatus.SENT).count() == 5
+    assert not Claim.objects.exists()
 
 
 def test_a_stop_request_finishes_the_email_on_the_wire_and_hands_back_the_rest(broker, watching):
@@ -532,18 +450,19 @@ def test_an_unreachable_rate_limit_store_makes_mail_wait_never_fail(broker, sett
 @pytest.mark.django_db(transaction=True)
 def test_a_live_worker_keeps_renewing_the_lease_on_a_slow_batch(broker, settings, watching):
     mailer_settings(settings, SENDING_LEASE=3)  # renewed every second
-    messages = [queue(f"r{n}@example.com") for n in range(3)]
-    claimed_at = []
+    for n in range(3):
+        queue(f"r{n}@example.com")
+    renewed_at = []
 
     def slow(count):
-        claimed_at.append(Message.objects.get(pk=messages[-1].pk).claimed_at)
+        renewed_at.append(Claim.objects.get().renewed_at)
         time.sleep(1.3)
 
     watching.on_send = slow
 
     assert delivery.drain(Kind.TRANSACTIONAL) == 3
 
-    assert claimed_at[0] < claimed_at[1] < claimed_at[2]  # renewed while it was held
+    assert renewed_at[0] < renewed_at[1] < renewed_at[2]  # renewed while it was held
 
 
 def _queries_to_drain(count: int) -> int:

@@ -13,7 +13,16 @@ import pytest
 from django.utils import timezone
 
 from mailer import campaigns, outbox
-from mailer.models import Campaign, CampaignStatus, Event, Kind, Message, MessageStatus, Queue
+from mailer.models import (
+    Campaign,
+    CampaignStatus,
+    Claim,
+    Event,
+    Kind,
+    Message,
+    MessageStatus,
+    Queue,
+)
 from tests.factories import MessageFactory
 
 pytestmark = pytest.mark.django_db
@@ -32,56 +41,73 @@ def row(message: Message) -> Message:
     return Message.objects.get(pk=message.pk)
 
 
-def test_claim_marks_messages_sending_under_a_token_without_counting_an_attempt():
+def claim_of(token) -> Claim:
+    return Claim.objects.get(token=token)
+
+
+def test_claim_marks_messages_sending_under_a_token_with_a_claim_row():
     token, messages = claimed(3)
 
     assert [m.status for m in messages] == [S.SENDING] * 3
     assert {row(m).claim_token for m in messages} == {token}
     assert {row(m).attempts for m in messages} == {0}
-    assert {row(m).attempted_at for m in messages} == {None}
+    hold = claim_of(token)
+    assert (hold.queue, hold.tried_through, hold.sent_through) == ("transactional", None, None)
     assert outbox.claim(Queue.TRANSACTIONAL, 3, uuid.uuid4()) == []  # nothing left
+    assert Claim.objects.count() == 1  # an empty claim leaves no row
 
 
-def test_try_next_records_the_previous_email_and_marks_the_next_one_tried():
+def test_try_next_notes_the_previous_email_sent_and_the_next_one_tried():
     token, (first, second) = claimed(2)
 
     assert outbox.try_next(first, token)
-    assert (row(first).attempts, row(first).status) == (1, S.SENDING)
-    assert row(first).attempted_at is not None
+    assert (claim_of(token).tried_through, claim_of(token).sent_through) == (first.pk, None)
+    assert first.attempts == 1
 
     assert outbox.try_next(second, token, done=outbox.Sent(first, "<id-1@x>"))
 
-    first_row = row(first)
-    assert first_row.status == S.SENT
-    assert first_row.sent_at is not None
-    assert first_row.provider_message_id == "<id-1@x>"
-    assert row(second).attempts == 1
-    assert row(second).status == S.SENDING  # on the wire until its own outcome comes
+    assert (claim_of(token).tried_through, claim_of(token).sent_through) == (second.pk, first.pk)
+    assert row(first).status == S.SENDING  # its row is written when the batch ends
+
+
+def test_finish_writes_the_batch_and_drops_its_claim():
+    token, (first, second, third) = claimed(3)
+    outbox.try_next(first, token)
+    outbox.try_next(second, token, done=outbox.Sent(first, "<id-1@x>"))
+    batch = outbox.Batch(token=token, sent=[(outbox.Sent(first, "<id-1@x>"), timezone.now())])
+
+    assert outbox.finish(batch, [third], uncount=[second]) == 2
+
+    sent = row(first)
+    assert (sent.status, sent.attempts, sent.provider_message_id) == (S.SENT, 1, "<id-1@x>")
     assert list(first.events.values_list("event_type", flat=True)) == [Event.Type.SENT]
+    assert {row(m).status for m in (second, third)} == {S.QUEUED}
+    assert {row(m).attempts for m in (second, third)} == {0}
+    assert not Claim.objects.filter(token=token).exists()
 
 
-def test_try_next_refuses_a_message_whose_claim_lapsed_and_was_taken_back():
+def test_try_next_refuses_once_the_claim_was_recovered():
     token, (message,) = claimed(1)
-    Message.objects.filter(pk=message.pk).update(claim_token=uuid.uuid4())  # recovered
+    Claim.objects.filter(token=token).delete()  # recovery took it back
 
     assert not outbox.try_next(message, token)
-    assert row(message).attempts == 0
 
 
-def test_try_next_refuses_a_message_of_a_cancelled_campaign():
+def test_try_next_refuses_a_message_of_a_cancelled_campaign_and_notes_the_sent_one():
     campaign = Campaign.objects.create(name="Spring", status=CampaignStatus.SENDING)
-    token, (message,) = claimed(1, campaign=campaign, kind=Kind.CAMPAIGN)
+    token, (first, second) = claimed(2, campaign=campaign, kind=Kind.CAMPAIGN)
+    outbox.try_next(first, token)
     Campaign.objects.filter(pk=campaign.pk).update(status=CampaignStatus.CANCELLED)
 
-    assert not outbox.try_next(message, token)
+    assert not outbox.try_next(second, token, done=outbox.Sent(first, "pid"))
 
-    assert outbox.release([message], token) == 0
-    assert row(message).status == S.CANCELLED
+    assert claim_of(token).sent_through == first.pk
+    assert outbox.release([second], token) == 0
+    assert row(second).status == S.CANCELLED
 
 
 def test_recording_sent_keeps_a_status_a_webhook_already_moved_on():
     token, (message,) = claimed(1)
-    outbox.try_next(message, token)
     Message.objects.filter(pk=message.pk).update(status=S.DELIVERED)
 
     outbox.record_sent(outbox.Sent(message, "pid"))
@@ -90,19 +116,15 @@ def test_recording_sent_keeps_a_status_a_webhook_already_moved_on():
     assert row(message).provider_message_id == "pid"
 
 
-def test_release_hands_untried_claims_back_and_can_take_back_an_attempt():
-    token, (untried, tried) = claimed(2)
-    outbox.try_next(tried, token)
+def test_release_hands_untried_claims_back_saying_why():
+    token, (untried,) = claimed(1)
 
     assert outbox.release([untried], token, delay=30, reason="Connection refused") == 1
-    assert outbox.release([tried], token, uncount=True) == 1
 
     waiting = row(untried)
     assert (waiting.status, waiting.attempts, waiting.claim_token) == (S.QUEUED, 0, None)
     assert waiting.send_after > timezone.now() + timedelta(seconds=25)
     assert waiting.last_error == "Waiting: Connection refused"
-    again = row(tried)
-    assert (again.status, again.attempts, again.attempted_at) == (S.QUEUED, 0, None)
 
 
 def test_release_leaves_alone_what_another_token_holds():
@@ -112,9 +134,56 @@ def test_release_leaves_alone_what_another_token_holds():
     assert row(message).status == S.SENDING
 
 
+def lapse(token) -> None:
+    Claim.objects.filter(token=token).update(renewed_at=timezone.now() - timedelta(seconds=31))
+
+
+@pytest.mark.parametrize(("policy", "doubt_status"), [("retry", S.QUEUED), ("fail", S.FAILED)])
+def test_recovery_of_a_dead_worker_knows_what_left_what_is_in_doubt_and_what_was_untried(
+    policy, doubt_status, settings
+):
+    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 30, "STUCK_POLICY": policy}
+    token, (sent, doubt, untried) = claimed(3)
+    outbox.try_next(sent, token)
+    outbox.try_next(doubt, token, done=outbox.Sent(sent, "pid"))  # then kill -9
+    lapse(token)
+
+    counts = outbox.recover_stuck()
+
+    assert (counts["sent"], counts["untried"]) == (1, 1)
+    assert counts["in_doubt_requeued" if policy == "retry" else "in_doubt_failed"] == 1
+    assert (row(sent).status, row(sent).attempts) == (S.SENT, 1)
+    assert (row(doubt).status, row(doubt).attempts) == (doubt_status, 1)
+    assert f"STUCK_POLICY={policy}" in row(doubt).last_error
+    assert (row(untried).status, row(untried).attempts) == (S.QUEUED, 0)
+    recovered = dict(Event.objects.values_list("message", "data__recovered"))
+    assert recovered == {sent.pk: "sent", doubt.pk: "in doubt", untried.pk: "untried"}
+    assert not Claim.objects.exists()
+
+
+def test_recovery_leaves_a_live_worker_alone():
+    token, (message,) = claimed(1)
+    lapse(token)
+
+    assert outbox.renew([token]) == 1  # the worker's lease thread
+    assert outbox.recover_stuck()["untried"] == 0
+    assert row(message).status == S.SENDING
+
+
+def test_recovery_treats_a_claim_without_its_row_as_in_doubt(settings):
+    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 30, "STUCK_POLICY": "fail"}
+    message = MessageFactory(
+        status=S.SENDING,
+        claim_token=uuid.uuid4(),
+        claimed_at=timezone.now() - timedelta(seconds=31),
+    )
+
+    assert outbox.recover_stuck()["in_doubt_failed"] == 1
+    assert row(message).status == S.FAILED
+
+
 def test_retry_and_failure_are_recorded_with_their_history():
     token, (retried, failed) = claimed(2)
-    outbox.try_next(retried, token)
 
     status = outbox.record_retry(retried, "451 try later", delay=10, max_countdown=300)
     outbox.record_failed(failed, "550 no such user")

@@ -691,6 +691,9 @@ class CampaignBench:
         )
         ceiling = self.sink_ceiling(size, self.campaign_message_bytes(campaign_id))
         self.flush_redis()
+        # A starting worker looks for work at once: hold the campaign until the clock runs.
+        running = Campaign.objects.get(pk=campaign_id).status
+        Campaign.objects.filter(pk=campaign_id).update(status="paused")
         t0 = time.monotonic()
         self.workers = [
             QueueWorker(f"campaign{i}", self.env, self.tmp, QUEUE).launch() for i in (1, 2)
@@ -701,6 +704,7 @@ class CampaignBench:
         self.sink.reset()
         sessions = self.pg_sessions()
         before = self.snapshot()
+        Campaign.objects.filter(pk=campaign_id).update(status=running)
         t0 = time.monotonic()
         dispatch.kick(Queue.CAMPAIGN)
         samples: list[tuple[float, int]] = [(0.0, 0)]

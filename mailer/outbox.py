@@ -398,15 +398,7 @@ def record_failed(message: Message, error: str) -> None:
         Message.objects.filter(pk=message.pk, status=S.SENDING).update(
             status=S.FAILED, last_error=error[:2000], attempts=message.attempts
         )
-        Event.objects.create(
-            message_id=message.pk,
-            campaign_id=message.campaign_id,
-            event_type=Event.Type.FAILED,
-            recipient=message.to_email,
-            timestamp=now,
-            description=error[:2000],
-            data={"attempt": message.attempts},
-        )
+        _history(message, Event.Type.FAILED, now, error, {"attempt": message.attempts})
     message.status, message.last_error = S.FAILED, error[:2000]
 
 
@@ -428,21 +420,22 @@ def record_retry(message: Message, error: str, *, delay: float, max_countdown: f
             claim_token=None,
             attempts=message.attempts,
         )
-        Event.objects.create(
-            message_id=message.pk,
-            campaign_id=message.campaign_id,
-            event_type=Event.Type.DEFERRED,
-            recipient=message.to_email,
-            timestamp=now,
-            description=error[:2000],
-            data={
-                "attempt": message.attempts,
-                "retry_at": send_after.isoformat(),
-                "retry_in": round(delay, 3),
-            },
-        )
+        data = {"attempt": message.attempts, "retry_at": send_after.isoformat()}
+        _history(message, Event.Type.DEFERRED, now, error, data | {"retry_in": round(delay, 3)})
     message.status, message.send_after = status, send_after
     return status
+
+
+def _history(message: Message, event_type: str, at: datetime, text: str, data: dict) -> None:
+    Event.objects.create(
+        message_id=message.pk,
+        campaign_id=message.campaign_id,
+        event_type=event_type,
+        recipient=message.to_email,
+        timestamp=at,
+        description=text[:2000],
+        data=data,
+    )
 
 
 def record_suppressed(messages: list[Message]) -> int:

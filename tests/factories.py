@@ -6,7 +6,16 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from mailer.models import Contact, Kind, Message, MessageStatus, Suppression, Template
+from mailer.models import (
+    Contact,
+    Kind,
+    Message,
+    MessageStatus,
+    Segment,
+    SegmentRule,
+    Suppression,
+    Template,
+)
 
 PASSWORD = "correct horse battery staple"
 
@@ -70,3 +79,21 @@ class SuppressionFactory(factory.django.DjangoModelFactory):
     scope = Suppression.Scope.ALL
     reason = Suppression.Reason.HARD_BOUNCE
     source = "tests"
+
+
+def everyone_segment(name: str = "Everyone") -> Segment:
+    """A segment every contact is in (their address contains an @)."""
+    segment = Segment.objects.create(name=name)
+    SegmentRule.objects.create(
+        segment=segment,
+        field=SegmentRule.Field.EMAIL,
+        operator=SegmentRule.Operator.CONTAINS,
+        value="@",
+    )
+    return segment
+
+
+def marketing_template(slug: str, subject: str, html: str) -> Template:
+    return Template.objects.create(
+        slug=slug, purpose=Template.Purpose.MARKETING, subject=subject, html=html
+    )

@@ -19,12 +19,12 @@ from mailer.models import (
     Message,
     MessageStatus,
     Segment,
-    SegmentRule,
     Suppression,
     Template,
 )
 
 from .conftest import wait_for
+from .factories import everyone_segment, marketing_template
 
 pytestmark = pytest.mark.integration
 
@@ -79,19 +79,8 @@ def audience(transactional_db) -> Audience:
         Suppression(email=email, scope=scopes[n % 2], reason=Suppression.Reason.HARD_BOUNCE)
         for n, email in enumerate(sorted(suppressed))
     )
-    segment = Segment.objects.create(name="Everyone")
-    SegmentRule.objects.create(
-        segment=segment,
-        field=SegmentRule.Field.EMAIL,
-        operator=SegmentRule.Operator.CONTAINS,
-        value="@",
-    )
-    template = Template.objects.create(
-        slug="spring-sale",
-        purpose=Template.Purpose.MARKETING,
-        subject="Spring sale",
-        html=MARKETING_HTML,
-    )
+    segment = everyone_segment()
+    template = marketing_template("spring-sale", "Spring sale", MARKETING_HTML)
     return Audience(segment, template, eligible, suppressed, unconsented)
 
 

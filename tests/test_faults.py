@@ -31,12 +31,10 @@ from mailer.models import (
     Kind,
     Message,
     MessageStatus,
-    Segment,
-    SegmentRule,
-    Template,
 )
 
 from .conftest import ProcfileProcess, tally, wait_for
+from .factories import everyone_segment, marketing_template
 
 pytestmark = [
     pytest.mark.integration,
@@ -90,20 +88,7 @@ def marketing(settings):
     """This process may launch campaigns (a postal address); one segment of everyone and
     a marketing template."""
     settings.MAILER = {**settings.MAILER, "POSTAL_ADDRESS": POSTAL_ADDRESS}
-    segment = Segment.objects.create(name="Everyone")
-    SegmentRule.objects.create(
-        segment=segment,
-        field=SegmentRule.Field.EMAIL,
-        operator=SegmentRule.Operator.CONTAINS,
-        value="@",
-    )
-    template = Template.objects.create(
-        slug="clearance",
-        purpose=Template.Purpose.MARKETING,
-        subject="Clearance sale",
-        html=MARKETING_HTML,
-    )
-    return segment, template
+    return everyone_segment(), marketing_template("clearance", "Clearance sale", MARKETING_HTML)
 
 
 def _contacts(count: int) -> set[str]:

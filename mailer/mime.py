@@ -110,7 +110,7 @@ class _Built:
 
 # An ASCII addr-spec with nothing to quote or encode: sanitize_address returns it as is.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
+PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -124,7 +124,7 @@ def sanitize(address: str, encoding: str = "utf-8") -> str:
 
     Names, non-ASCII local parts and IDN domains still go through Django.
     """
-    if _PLAIN_ADDRESS.match(address):
+    if PLAIN_ADDRESS.match(address):
         return address
     return sanitize_address(address, encoding)
 
@@ -144,7 +144,7 @@ class PreparedEmail(EmailMultiAlternatives):
         """To addresses for the header; "Name <plain@address>" is built without a parser."""
         parts = []
         for name, address in getattr(self, "to_pairs", None) or [("", a) for a in self.to]:
-            if _PLAIN_ADDRESS.match(address):
+            if PLAIN_ADDRESS.match(address):
                 parts.append(formataddr((name, address), charset=encoding) if name else address)
             else:
                 parts.append(sanitize_address((name, address) if name else address, encoding))

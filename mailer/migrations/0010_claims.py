@@ -4,10 +4,10 @@ release once per queue (see mailer.beat)."""
 import django.utils.timezone
 from django.db import migrations, models
 
+from mailer.beat import install_schedule
+
 
 def install(apps, schema_editor):
-    from mailer.beat import install_schedule
-
     install_schedule(
         apps.get_model("django_celery_beat", "PeriodicTask"),
         apps.get_model("django_celery_beat", "IntervalSchedule"),

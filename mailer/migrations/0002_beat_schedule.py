@@ -1,9 +1,9 @@
 from django.db import migrations
 
+from mailer.beat import SCHEDULE, install_schedule
+
 
 def install(apps, schema_editor):
-    from mailer.beat import install_schedule
-
     install_schedule(
         apps.get_model("django_celery_beat", "PeriodicTask"),
         apps.get_model("django_celery_beat", "IntervalSchedule"),
@@ -11,8 +11,6 @@ def install(apps, schema_editor):
 
 
 def uninstall(apps, schema_editor):
-    from mailer.beat import SCHEDULE
-
     apps.get_model("django_celery_beat", "PeriodicTask").objects.filter(
         name__in=list(SCHEDULE)
     ).delete()

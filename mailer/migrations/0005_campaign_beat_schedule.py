@@ -1,9 +1,9 @@
 from django.db import migrations
 
+from mailer.beat import install_schedule
+
 
 def install(apps, schema_editor):
-    from mailer.beat import install_schedule
-
     install_schedule(
         apps.get_model("django_celery_beat", "PeriodicTask"),
         apps.get_model("django_celery_beat", "IntervalSchedule"),

@@ -852,9 +852,10 @@ class CampaignBench:
             if hasattr(module, "sanitize_address"):
                 timers.wrap(module, "sanitize_address", "address parsing (sanitize_address)")
         timers.wrap(transport.Sender, "send", "SMTP send (backend + smtplib + sink)")
-        # One round trip per message: the previous one's sent status, the next one's
-        # tried mark (only if its claim and campaign still allow it).
-        timers.wrap(outbox, "try_next", "try_next (record sent + mark next tried)")
+        # One round trip per message, sent before the email is composed and read before
+        # it goes out: the previous one sent, this one tried (if claim and campaign allow).
+        timers.wrap(outbox.Note, "__init__", "claim note: send (ahead of composing)")
+        timers.wrap(outbox.Note, "result", "claim note: wait for its answer")
         nested = {
             "build_email other": [
                 "render (subject + html + text)",
@@ -903,7 +904,8 @@ class CampaignBench:
             "MIME bytes (mime.build)",
             "address parsing (sanitize_address)",
             "SMTP send (backend + smtplib + sink)",
-            "try_next (record sent + mark next tried)",
+            "claim note: send (ahead of composing)",
+            "claim note: wait for its answer",
         ]
         total_ms, total_cpu = wall * 1e3, cpu * 1e3
         rows = [(s, exclusive.get(s, 0.0), exclusive_cpu.get(s, 0.0)) for s in steps]

@@ -799,9 +799,10 @@ class Bench:
         for module in (mime, django_smtp):  # both may parse addresses for a message
             if hasattr(module, "sanitize_address"):
                 timers.wrap(module, "sanitize_address", "address parsing (sanitize_address)")
-        # One round trip per message: the previous one's sent status (and, for
-        # transactional mail, its 'sent' Event row), and the next one's tried mark.
-        timers.wrap(outbox, "try_next", "try_next (record sent + mark next tried)")
+        # One round trip per message, sent before the email is composed and read before
+        # it goes out: the previous one sent, this one tried.
+        timers.wrap(outbox.Note, "__init__", "claim note: send (ahead of composing)")
+        timers.wrap(outbox.Note, "result", "claim note: wait for its answer")
         timers.wrap(dispatch, "kick", "kick (Redis + apply_async)")
         timers.wrap(dispatch, "clear_kick", "clear kick flag (Redis DEL)")
         nested = {
@@ -859,7 +860,8 @@ class Bench:
             "MIME bytes (mime.build)",
             "address parsing (sanitize_address)",
             "SMTP send (backend + smtplib + sink)",
-            "try_next (record sent + mark next tried)",
+            "claim note: send (ahead of composing)",
+            "claim note: wait for its answer",
             "kick (Redis + apply_async)",
             "clear kick flag (Redis DEL)",
         ]

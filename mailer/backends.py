@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 
-from .mime import PLAIN_ADDRESS, PreparedEmail, sanitize_cached
+from .mime import PLAIN_ADDRESS, PreparedEmail, envelope_sender
 
 
 class _PlainAddresses:
@@ -61,7 +61,7 @@ class SMTPBackend(DjangoSMTPBackend):
         encoding = email_message.encoding or settings.DEFAULT_CHARSET
         try:
             self.connection.sendmail(
-                sanitize_cached(email_message.from_email, encoding),
+                envelope_sender(email_message.from_email, encoding),
                 email_message.envelope_recipients(encoding),
                 email_message.message().as_bytes(linesep="\r\n"),
             )

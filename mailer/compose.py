@@ -6,7 +6,9 @@ read back by ``unsubscribe`` and ``tracking``, which share these salts and route
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import uuid
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from email.utils import formataddr
 from functools import lru_cache
 from urllib.parse import quote
 
+from django.conf import settings
 from django.core import signing
 from django.db import IntegrityError, transaction
 from django.urls import reverse
@@ -124,12 +127,35 @@ def link_id(url: str, cache: dict[str, int] | None = None) -> int:
     return link.pk
 
 
-def click_token(message_uuid: uuid.UUID, link: int, signer: signing.Signer | None = None) -> str:
-    return (signer or signing.Signer(salt=CLICK_SALT)).sign(f"{message_uuid.hex}.{link}")
+class _Signer:
+    """Signs exactly as ``signing.Signer(salt=…)`` does, so its ``unsign`` reads the tokens,
+    with the HMAC key derived once per process instead of once per link."""
+
+    def __init__(self, salt: str, secret: str):
+        key = hashlib.sha256(f"{salt}signer{secret}".encode()).digest()
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def sign(self, value: str) -> str:
+        mac = self._mac.copy()
+        mac.update(value.encode())
+        return f"{value}:{base64.urlsafe_b64encode(mac.digest()).rstrip(b'=').decode()}"
+
+
+def _signer(salt: str) -> _Signer:
+    return _signer_for(salt, settings.SECRET_KEY)  # a changed key (tests) gets its own
+
+
+@lru_cache(maxsize=8)
+def _signer_for(salt: str, secret: str) -> _Signer:
+    return _Signer(salt, secret)
+
+
+def click_token(message_uuid: uuid.UUID, link: int) -> str:
+    return _signer(CLICK_SALT).sign(f"{message_uuid.hex}.{link}")
 
 
 def open_token(message_uuid: uuid.UUID) -> str:
-    return signing.Signer(salt=OPEN_SALT).sign(message_uuid.hex)
+    return _signer(OPEN_SALT).sign(message_uuid.hex)
 
 
 def add_tracking(
@@ -144,13 +170,12 @@ def add_tracking(
     """Rewrite http(s) links to signed click redirects and add an open pixel."""
     if clicks:
         unsubscribe_prefix = f"{base_url}/mailer/"
-        signer = signing.Signer(salt=CLICK_SALT)  # one per email, not one per link
 
         def rewrite(match: re.Match) -> str:
             url = match.group(3).replace("&amp;", "&")
             if url.startswith(unsubscribe_prefix):
                 return match.group(0)  # our own pages are never wrapped
-            token = click_token(message.uuid, link_id(url, link_cache), signer)
+            token = click_token(message.uuid, link_id(url, link_cache))
             target = base_url + route("mailer:click", token)
             return f"{match.group(1)}{match.group(2)}{target}{match.group(2)}"
 
@@ -266,7 +291,10 @@ def build_email(
         sender_email = campaign.from_email if campaign else ""
         if sender_name or sender_email:
             from_email = formataddr(
-                (sender_name or conf.get("FROM_NAME") or "", sender_email or conf.from_address())
+                (
+                    sender_name or conf.get("FROM_NAME") or "",
+                    conf.ascii_domain(sender_email) if sender_email else conf.from_address(),
+                )
             )
         if campaign is not None and campaign.reply_to:
             reply_to = [campaign.reply_to]

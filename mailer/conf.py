@@ -182,7 +182,19 @@ def redis_url() -> str | None:
 
 def from_address() -> str:
     """The sender's bare address: FROM_EMAIL, else DEFAULT_FROM_EMAIL."""
-    return get("FROM_EMAIL") or settings.DEFAULT_FROM_EMAIL
+    return ascii_domain(get("FROM_EMAIL") or settings.DEFAULT_FROM_EMAIL)
+
+
+def ascii_domain(address: str) -> str:
+    """The address with an internationalised domain in its ASCII (IDNA) form, which
+    headers and the SMTP envelope need; an invalid one is left for sending to refuse."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
 
 
 def from_email() -> str:

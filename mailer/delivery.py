@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError
@@ -189,7 +190,13 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
 
     Returns how many emails were sent.
     """
-    queue = Queue(queue)
+    try:
+        return _drain(Queue(queue))
+    finally:
+        outbox.close_notes()
+
+
+def _drain(queue: Queue) -> int:
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
     size = batch_size(queue)
     total = 0
@@ -276,7 +283,7 @@ def send_batch(
     batch = outbox.Batch(token=token)
     untried: list[Message] = []
     uncount: list[Message] = []
-    pending: outbox.Sent | None = None  # sent; noted on the claim with the next try
+    pending: tuple[outbox.Sent, datetime] | None = None  # noted on the claim with the next
     with Lease(token):
         try:
             for index, message in enumerate(messages):
@@ -294,30 +301,36 @@ def send_batch(
                 if message.to_email in blocked:
                     result.suppressed += with_database(outbox.record_suppressed, [message])
                     continue
+                # The note for this email travels while it is composed (outbox.Note).
+                note = outbox.Note(message, token, pending and pending[0])
+                if pending is not None:
+                    batch.sent.append(pending)  # noted now, or written when the batch ends
+                    pending = None
                 try:
                     email = with_database(_compose, message, templates, link_cache)
                 except Exception as exc:  # noqa: BLE001 - classify sorts every failure
                     # A template that cannot render fails at once; an unknown error is
                     # retried, and counts as an attempt although nothing left.
-                    _fail(message, transport.classify(exc), result, count=True)
+                    if with_database(note.result):
+                        _fail(message, transport.classify(exc), result)
+                    else:
+                        result.released += with_database(outbox.release, [message], token)
                     continue
                 if not limiter.take():
                     if not stopping():  # the rate-limit store stayed down: wait a while
                         result.wait = float(conf.get("RATE_STORE_WAIT"))
                         result.outage = "the rate-limit store is unavailable"
+                    with_database(note.result)  # read, so the connection is free again
                     untried.extend(messages[index:])
                     break
                 try:
                     sender.open()
                 except ServiceUnavailable as error:
                     _outage(queue, error, result)
+                    with_database(note.result)
                     untried.extend(messages[index:])
                     break
-                tried = with_database(outbox.try_next, message, token, done=pending)
-                if pending is not None:
-                    batch.sent.append((pending, timezone.now()))
-                    pending = None
-                if not tried:  # its campaign stopped, or the claim lapsed
+                if not with_database(note.result):  # its campaign stopped, or the claim lapsed
                     stopped |= {message.campaign_id} - {None}
                     result.released += with_database(outbox.release, [message], token)
                     continue
@@ -334,12 +347,12 @@ def send_batch(
                     _fail(message, error, result)
                     continue
                 transport.outage.recovered()
-                pending = outbox.Sent(message, provider_id(email))
+                pending = (outbox.Sent(message, provider_id(email)), timezone.now())
                 result.sent += 1
         finally:
             sender.close()
             if pending is not None:
-                batch.sent.append((pending, timezone.now()))
+                batch.sent.append(pending)
             result.released += with_database(
                 outbox.finish,
                 batch,

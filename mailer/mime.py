@@ -15,7 +15,7 @@ import functools
 import re
 import uuid
 from email.header import Header
-from email.utils import formataddr, formatdate
+from email.utils import formataddr, formatdate, parseaddr
 
 from django.core.mail import EmailMultiAlternatives
 from django.core.mail.message import sanitize_address
@@ -117,6 +117,13 @@ PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9
 def sanitize_cached(address: str, encoding: str) -> str:
     """From and Reply-To repeat for every email of a campaign: parse them once."""
     return sanitize_address(address, encoding)
+
+
+@functools.lru_cache(maxsize=256)
+def envelope_sender(address: str, encoding: str) -> str:
+    """The bare address for MAIL FROM, parsed once per sender (smtplib would each time)."""
+    sanitized = sanitize_address(address, encoding)
+    return parseaddr(sanitized)[1] or sanitized
 
 
 def sanitize(address: str, encoding: str = "utf-8") -> str:

@@ -66,6 +66,27 @@ def test_drain_sends_each_queued_message_once_and_records_it(smtp, broker):
         assert received["Subject"] == "Welcome to Mailer Demo, Ada!"
 
 
+@pytest.mark.parametrize(
+    ("name", "address", "envelope"),
+    [
+        ("Mailer Tests", "noreply@mailer.test", "noreply@mailer.test"),
+        ("Zoë Ünal", "news@mailer.test", "news@mailer.test"),
+        ("Bücher", "news@bücher.example", "news@xn--bcher-kva.example"),
+    ],
+)
+def test_the_envelope_sender_is_the_bare_address_of_the_from_header(
+    smtp, broker, settings, name, address, envelope
+):
+    settings.MAILER = {**settings.MAILER, "FROM_EMAIL": address, "FROM_NAME": name}
+    queue("user@example.com")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 1
+
+    (received,) = smtp.messages
+    assert received.mail_from == envelope
+    assert received.parsed()["From"].addresses[0].display_name == name
+
+
 def test_drain_again_sends_nothing_more(smtp, broker):
     queue("ada@example.com")
     delivery.drain(Kind.TRANSACTIONAL)
@@ -409,6 +430,65 @@ def test_each_outcome_is_recorded_before_the_next_email_goes_out(broker, watchin
     )
     assert Message.objects.filter(status=MessageStatus.SENT).count() == 5
     assert not Claim.objects.exists()
+
+
+def _notes_ahead(captured) -> int:
+    return sum(1 for query in captured if query.get("ahead"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_note_sent_ahead_is_committed_before_its_email_goes_out(broker, watching):
+    # Outside a transaction the note travels on its own connection while the email is
+    # composed; the backend, reading committed rows, still sees it in place.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for n in range(5):
+        queue(f"r{n}@example.com")
+
+    with CaptureQueriesContext(connection) as captured:
+        assert delivery.drain(Kind.TRANSACTIONAL) == 5
+
+    assert _notes_ahead(captured) == (5 if connection.vendor == "postgresql" else 0)
+    ids = [pk for pk, _, _ in watching.seen]
+    assert [(sent, tried) for _, sent, tried in watching.seen] == list(
+        zip([None, *ids[:-1]], ids, strict=True)
+    )
+    assert Message.objects.filter(status=MessageStatus.SENT).count() == 5
+    assert not Claim.objects.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_note_connection_falls_back_to_the_plain_way_without_a_gap(
+    broker, watching, test_database_url
+):
+    # PostgreSQL ends the note connection mid-batch: the next note is written on
+    # Django's connection, every email still goes out once with its note in place.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from mailer import outbox
+
+    def end_note_session(count):
+        if count == 2:
+            pid = outbox._local.notes.conn.pgconn.backend_pid
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    watching.on_send = end_note_session
+    for n in range(5):
+        queue(f"r{n}@example.com")
+
+    with CaptureQueriesContext(connection) as captured:
+        assert delivery.drain(Kind.TRANSACTIONAL) == 5
+
+    assert _notes_ahead(captured) == 3  # then the plain way for a few seconds
+    ids = [pk for pk, _, _ in watching.seen]
+    assert [(sent, tried) for _, sent, tried in watching.seen] == list(
+        zip([None, *ids[:-1]], ids, strict=True)
+    )
+    assert Message.objects.filter(status=MessageStatus.SENT).count() == 5
 
 
 def test_a_stop_request_finishes_the_email_on_the_wire_and_hands_back_the_rest(broker, watching):

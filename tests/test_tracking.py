@@ -233,3 +233,26 @@ def test_first_event_times_keep_the_earliest_whatever_the_order():
     assert (message.delivered_at, message.opened_at) == (t0, earlier)
     assert message.clicked_at is message.bounced_at is message.complained_at is None
     assert message.status == MessageStatus.OPENED
+
+
+def test_link_tokens_are_django_signatures_under_the_current_secret_key(settings):
+    # Signed with a key derived once per process: still exactly signing.Signer's tokens,
+    # and a new SECRET_KEY signs with the new key (the old one only verifies as fallback).
+    from django.core import signing
+
+    from mailer import compose
+
+    message = MessageFactory.build()
+    click = compose.click_token(message.uuid, 7)
+    assert signing.Signer(salt=compose.CLICK_SALT).unsign(click) == f"{message.uuid.hex}.7"
+    opened = compose.open_token(message.uuid)
+    assert signing.Signer(salt=compose.OPEN_SALT).unsign(opened) == message.uuid.hex
+    with pytest.raises(signing.BadSignature):
+        signing.Signer(salt=compose.OPEN_SALT).unsign(click)
+
+    settings.SECRET_KEY, old = "another-key-" + "x" * 40, settings.SECRET_KEY
+    assert compose.click_token(message.uuid, 7) != click
+    with pytest.raises(signing.BadSignature):
+        signing.Signer(salt=compose.CLICK_SALT, key=old).unsign(
+            compose.click_token(message.uuid, 7)
+        )

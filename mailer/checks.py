@@ -14,8 +14,14 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         try:
             conf.queue_name(queue)
             conf.rate_limit(queue)
+            conf.quotas(queue)
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
+
+    try:
+        conf.quota_timezone()
+    except MailerConfigurationError as exc:
+        errors.append(checks.Error(str(exc), id="mailer.E001"))
 
     visibility = conf.broker_visibility_timeout()
     countdown = float(conf.get("MAX_COUNTDOWN"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from email.utils import formataddr
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from anymail.utils import get_anymail_setting
 from django.conf import settings
@@ -20,6 +21,14 @@ DEFAULTS: dict[str, Any] = {
     "QUEUES": {"transactional": "transactional", "campaign": "campaign"},
     # Global (all worker processes) send rates per queue: "50/s", "600/m", "10000/h" or None.
     "RATE_LIMITS": {"transactional": None, "campaign": None},
+    # Caps per queue over calendar hours and days (an ESP's quotas, e.g. 50,000 a day),
+    # shared by all worker processes: {"campaign": {"hour": None, "day": 50000}}; None: no cap.
+    "QUOTAS": {
+        "transactional": {"hour": None, "day": None},
+        "campaign": {"hour": None, "day": None},
+    },
+    # The time zone whose calendar hours and days the quotas count (an IANA name).
+    "QUOTA_TIMEZONE": "UTC",
     # Redis used for the shared token bucket; None: the broker URL if it is Redis, else the DB.
     "REDIS_URL": None,
     # Sender identity; None falls back to DEFAULT_FROM_EMAIL.
@@ -169,6 +178,47 @@ def parse_rate(value: str | None) -> float | None:
 def rate_limit(queue: str) -> float | None:
     """Messages per second allowed on a queue across all workers, or None."""
     return parse_rate(get("RATE_LIMITS").get(queue))
+
+
+#: The windows a quota may cap, as MAILER['QUOTAS'] names them.
+QUOTA_WINDOWS = ("hour", "day")
+
+
+def quotas(queue: str) -> dict[str, int]:
+    """The queue's caps by window ("hour", "day") from MAILER['QUOTAS']; absent: no cap."""
+    configured = get("QUOTAS").get(str(queue)) or {}
+    if not isinstance(configured, dict):
+        raise MailerConfigurationError(
+            f"MAILER['QUOTAS'][{str(queue)!r}] must be a dict like {{'day': 50000}}."
+        )
+    caps: dict[str, int] = {}
+    for window, value in configured.items():
+        if window not in QUOTA_WINDOWS:
+            raise MailerConfigurationError(
+                f"MAILER['QUOTAS'][{str(queue)!r}] has an unknown window {window!r}; "
+                f"use {' or '.join(QUOTA_WINDOWS)}."
+            )
+        if value in (None, "", 0):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MailerConfigurationError(
+                f"MAILER['QUOTAS'][{str(queue)!r}][{window!r}] must be a whole number of "
+                f"emails or None, not {value!r}."
+            )
+        caps[window] = value
+    return caps
+
+
+def quota_timezone() -> ZoneInfo:
+    """The time zone of the quota windows (MAILER['QUOTA_TIMEZONE'])."""
+    name = get("QUOTA_TIMEZONE")
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise MailerConfigurationError(
+            f"MAILER['QUOTA_TIMEZONE'] {name!r} is not a time zone name such as 'UTC' or "
+            "'Europe/Paris'."
+        ) from None
 
 
 def redis_url() -> str | None:

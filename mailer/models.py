@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
@@ -698,3 +699,57 @@ class RateBucket(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class WarmupSchedule(models.Model):
+    """A daily cap on marketing mail that grows from a start date while a new sending
+    domain or IP earns its reputation. Edited in the admin: ops adjust it without a deploy.
+
+    Today's allowance is ``first_day_cap × growth_factor ^ (days since start // every_days)``,
+    at most ``target_cap``; ``mailer.quota`` applies it to the campaign queue only.
+    """
+
+    name = models.CharField(max_length=100, unique=True, help_text="e.g. the new IP or domain.")
+    start_date = models.DateField(help_text="Day 0, in the quota time zone.")
+    first_day_cap = models.PositiveIntegerField(
+        default=500, validators=[MinValueValidator(1)], help_text="Emails allowed on day 0."
+    )
+    growth_factor = models.FloatField(
+        default=2.0,
+        validators=[MinValueValidator(1.0)],
+        help_text="The cap is multiplied by this every step.",
+    )
+    every_days = models.PositiveIntegerField(
+        default=3, validators=[MinValueValidator(1)], help_text="Days per step."
+    )
+    target_cap = models.PositiveIntegerField(
+        validators=[MinValueValidator(1)], help_text="The cap never grows past this."
+    )
+    active = models.BooleanField(
+        default=True, db_index=True, help_text="Only active schedules hold marketing mail."
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ("-active", "start_date", "name")
+        verbose_name = "warm-up schedule"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        if self.first_day_cap and self.target_cap and self.target_cap < self.first_day_cap:
+            raise ValidationError({"target_cap": "The target cannot be below the first day's cap."})
+
+
+class QuotaCounter(models.Model):
+    """Sends counted in one quota window, for the database quota store (no Redis)."""
+
+    key = models.CharField(max_length=200, unique=True)
+    used = models.PositiveIntegerField(default=0)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.used}"

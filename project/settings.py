@@ -163,6 +163,18 @@ MAILER = {
         "transactional": env.str("MAILER_RATE_LIMIT_TRANSACTIONAL", default="") or None,
         "campaign": env.str("MAILER_RATE_LIMIT_CAMPAIGN", default="") or None,
     },
+    # ESP quotas per calendar hour and day (empty: no cap), counted in QUOTA_TIMEZONE.
+    "QUOTAS": {
+        "transactional": {
+            "hour": env.int("MAILER_TRANSACTIONAL_HOURLY_QUOTA", default=0) or None,
+            "day": env.int("MAILER_TRANSACTIONAL_DAILY_QUOTA", default=0) or None,
+        },
+        "campaign": {
+            "hour": env.int("MAILER_CAMPAIGN_HOURLY_QUOTA", default=0) or None,
+            "day": env.int("MAILER_CAMPAIGN_DAILY_QUOTA", default=0) or None,
+        },
+    },
+    "QUOTA_TIMEZONE": env.str("MAILER_QUOTA_TIMEZONE", default="UTC"),
     # CAN-SPAM: every marketing email shows it. Only the demo (DEBUG) has a made-up one.
     "POSTAL_ADDRESS": env.str(
         "MAILER_POSTAL_ADDRESS",

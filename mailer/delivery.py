@@ -23,7 +23,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
 from django.utils import timezone
 
-from . import compose, conf, dispatch, outbox, ratelimit, transport
+from . import compose, conf, dispatch, outbox, quota, ratelimit, transport
 from .exceptions import PermanentSendError, SendError, ServiceUnavailable
 from .mime import PreparedEmail
 from .models import Message, Queue, Suppression
@@ -127,37 +127,56 @@ def with_database(action, *args, **kwargs):
 
 
 class Limiter:
-    """The queue's shared rate limit, reserved a few sends at a time.
+    """The queue's shared rate limit and quotas, reserved a few sends at a time.
 
     When the rate-limit store is unreachable sending waits for it (it never goes
     unlimited, and never fails mail); after RATE_STORE_WAIT seconds the batch is handed
-    back.
+    back. When a quota is used up, ``held`` says until when and why, and the rest of the
+    batch waits for that window.
     """
 
     def __init__(self, queue: Queue, batch: int):
         self.queue = queue
         self.rate = conf.rate_limit(queue)
         self.step = ratelimit.chunk_size(queue, batch)
+        self.quota_step = quota.chunk_size(queue, batch)  # None: no quota applies
+        self.left = batch  # sends this batch may still ask for
         self.reserved = 0
+        self.held: quota.Grant | None = None
 
     def take(self) -> bool:
         """Wait for one send's token; False if the batch must stop instead."""
-        if self.rate is None:
+        if self.rate is None and self.quota_step is None:
             return True
-        if self.reserved == 0:
-            wait = self._reserve()
-            if wait is None or (wait > 0 and _pause(wait)):
-                return False
-            self.reserved = self.step
+        if self.reserved == 0 and not self._reserve():
+            return False
         self.reserved -= 1
+        self.left -= 1
         return True
 
-    def _reserve(self) -> float | None:
+    def _reserve(self) -> bool:
+        want = max(1, min(self.step, self.left))
+        if self.quota_step is not None:
+            grant = self._from_store(quota.reserve, min(want, self.quota_step))
+            if grant is None:
+                return False
+            if not grant.granted:
+                self.held = grant
+                return False
+            want = grant.granted
+        if self.rate is not None:
+            wait = self._from_store(ratelimit.reserve, want)
+            if wait is None or (wait > 0 and _pause(wait)):
+                return False
+        self.reserved = want
+        return True
+
+    def _from_store(self, reserve, count: int):
         deadline = time.monotonic() + float(conf.get("RATE_STORE_WAIT"))
         delay = 0.25
         while not stopping():
             try:
-                return ratelimit.reserve(self.queue, self.step)
+                return reserve(self.queue, count)
             except (redis.RedisError, DatabaseError) as exc:
                 if time.monotonic() > deadline:
                     logger.error("mailer: rate-limit store still down; handing the batch back")
@@ -317,7 +336,9 @@ def send_batch(
                         result.released += with_database(outbox.release, [message], token)
                     continue
                 if not limiter.take():
-                    if not stopping():  # the rate-limit store stayed down: wait a while
+                    if limiter.held is not None:  # a quota is used up: wait for its window
+                        result.wait, result.outage = limiter.held.wait(), limiter.held.reason
+                    elif not stopping():  # the rate-limit store stayed down: wait a while
                         result.wait = float(conf.get("RATE_STORE_WAIT"))
                         result.outage = "the rate-limit store is unavailable"
                     with_database(note.result)  # read, so the connection is free again

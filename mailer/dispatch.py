@@ -58,7 +58,13 @@ def kick(queue: str = Queue.TRANSACTIONAL, *, countdown: float | None = None) ->
     clears it before looking for work, so a message committed before the flag was seen
     is always found. Returns whether a task was enqueued. When the broker is down the
     rows wait, committed and queued, for beat's recovery to wake a worker.
+
+    A countdown never passes MAX_COUNTDOWN (no long ETAs: the broker would hand the task
+    out again after its visibility timeout); mail that waits longer, like mail held for
+    its quota window, is woken by beat's recovery once it is due.
     """
+    if countdown is not None:
+        countdown = min(countdown, float(conf.get("MAX_COUNTDOWN")))
     client = redis_client()
     if client is not None and countdown is None:
         try:

@@ -25,7 +25,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
 from django.utils import timezone
 
-from . import conf, dispatch
+from . import conf, dispatch, quota
 from .models import (
     Campaign,
     CampaignStatus,
@@ -184,12 +184,16 @@ def claim(queue: str, size: int, token: uuid.UUID) -> list[Message]:
     """Move up to ``size`` due queued messages to sending under ``token``, oldest first.
 
     On the campaign queue only messages of running campaigns (or none) qualify, and
-    nothing while the reputation guard holds marketing. The claim is a lease: the holder
-    renews it (``renew``) or loses it to ``recover``.
+    nothing while the reputation guard holds marketing. Nothing either while one of the
+    queue's quotas is used up: its mail waits as it is, instead of being claimed and
+    handed back batch after batch. The claim is a lease: the holder renews it (``renew``)
+    or loses it to ``recover``.
     """
     queue = Queue(queue)
     campaign_queue = queue == Queue.CAMPAIGN
     if campaign_queue and marketing_paused():
+        return []
+    if quota.holding(queue) is not None:
         return []
     now = timezone.now()
     if postgres():

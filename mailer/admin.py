@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
+import redis
 from django import forms
 from django.contrib import admin, messages
 from django.http import HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
@@ -21,6 +22,7 @@ from . import (
     compose,
     contacts,
     outbox,
+    quota,
     rendering,
     reports,
     reputation,
@@ -35,6 +37,7 @@ from .models import (
     Event,
     Link,
     Message,
+    Queue,
     ReputationPause,
     Segment,
     SegmentRule,
@@ -42,6 +45,7 @@ from .models import (
     Tag,
     Template,
     Variant,
+    WarmupSchedule,
 )
 
 
@@ -681,6 +685,8 @@ def report_rows(campaign: Campaign, r: dict):
     safe = contacts.csv_safe
     yield ["campaign", safe(campaign.name)]
     yield ["status", campaign.status]
+    if r.get("quota_wait"):
+        yield ["waiting", r["quota_wait"]]
     yield []
     yield ["figure", "count", "rate %"]
     for key in (
@@ -900,3 +906,49 @@ class ReputationPauseAdmin(admin.ModelAdmin):
             reputation.lift_reputation_pause(row, by=request.user)
             count += 1
         self.message_user(request, ngettext("%d pause lifted.", "%d pauses lifted.", count) % count)
+
+
+@admin.register(WarmupSchedule)
+class WarmupScheduleAdmin(admin.ModelAdmin):
+    """Warm-up schedules, edited by ops without a deploy, with today's allowance and use;
+    the list also shows every queue's quotas from the settings with their use."""
+
+    list_display = (
+        "name",
+        "active",
+        "start_date",
+        "first_day_cap",
+        "growth_factor",
+        "every_days",
+        "target_cap",
+        "todays_allowance",
+        "todays_use",
+    )
+    list_filter = ("active",)
+    search_fields = ("name",)
+    readonly_fields = ("todays_allowance", "todays_use", "created_at", "updated_at")
+    change_list_template = "admin/mailer/warmupschedule/change_list.html"
+
+    @admin.display(description="Today's allowance")
+    def todays_allowance(self, obj: WarmupSchedule) -> str:
+        if not obj.pk or not obj.start_date:
+            return "—"
+        return f"{quota.warmup_allowance(obj, quota.local_today()):,}"
+
+    @admin.display(description="Today's use (campaign queue)")
+    def todays_use(self, obj: WarmupSchedule) -> str:
+        day = [u for u in _quota_usage(Queue.CAMPAIGN) if u.window.kind == quota.DAY]
+        return f"{day[0].used:,}" if day else "—"
+
+    def changelist_view(self, request, extra_context=None):
+        rows = [(queue, usage) for queue in Queue for usage in _quota_usage(queue)]
+        extra_context = {**(extra_context or {}), "quota_rows": rows}
+        return super().changelist_view(request, extra_context)
+
+
+def _quota_usage(queue: Queue) -> list[quota.Usage]:
+    """The queue's capped windows now, or none when the quota store cannot be read."""
+    try:
+        return quota.usage(queue)
+    except redis.RedisError:
+        return []

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from django.db.models import Count, Q
 from django.db.models.functions import TruncHour
 
-from .models import Campaign, Event, Message, MessageStatus, Variant
+from . import quota
+from .models import Campaign, CampaignStatus, Event, Message, MessageStatus, Queue, Variant
 
 
 @dataclass
@@ -123,6 +124,7 @@ def report(campaign: Campaign) -> dict:
         "unsubscribed": unsubscribed,
         "automated": sum(row["automated"] for row in engagement),
     }
+    figures["quota_wait"] = quota_wait(campaign, totals["waiting"])
     figures["rates"] = {
         "delivered": rate(totals["delivered"], sent),
         "opened": rate(totals["opened"], sent),
@@ -158,3 +160,12 @@ def report(campaign: Campaign) -> dict:
         .order_by("-clicks", "link__url")[:10]
     )
     return figures
+
+
+def quota_wait(campaign: Campaign, waiting: int) -> str:
+    """The report's "Waiting for quota: …; resumes …" line, while a used-up quota holds
+    this campaign's mail (empty otherwise)."""
+    if not waiting or campaign.status not in CampaignStatus.running():
+        return ""
+    held = quota.holding(Queue.CAMPAIGN)
+    return f"Waiting for quota: {held.reason}" if held is not None else ""

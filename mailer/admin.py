@@ -686,7 +686,7 @@ def report_rows(campaign: Campaign, r: dict):
     yield ["campaign", safe(campaign.name)]
     yield ["status", campaign.status]
     if r.get("quota_wait"):
-        yield ["waiting", r["quota_wait"]]
+        yield ["waiting", safe(r["quota_wait"])]
     yield []
     yield ["figure", "count", "rate %"]
     for key in (

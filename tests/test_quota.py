@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import random
 import threading
@@ -17,6 +19,7 @@ from mailer import campaigns, checks, conf, delivery, dispatch, quota, reports
 from mailer.exceptions import MailerConfigurationError
 from mailer.models import (
     Campaign,
+    Claim,
     Contact,
     Event,
     Kind,
@@ -102,18 +105,22 @@ def test_the_50001st_message_of_the_day_waits_until_the_next_day(
     assert not Event.objects.filter(event_type__in=("failed", "deferred")).exists()
     # Later that day nothing more goes, and nothing is claimed only to be handed back.
     clock.now = datetime(2026, 12, 5, 23, 59, 59, tzinfo=UTC)
+    (late,) = queue(1, prefix="late")
     assert delivery.drain(Kind.TRANSACTIONAL) == 0
     assert len(smtp.messages) == 1
+    late.refresh_from_db()
+    assert (late.status, late.send_after, late.last_error) == (MessageStatus.QUEUED, None, "")
+    assert Claim.objects.count() == 0
     reached = [r for r in caplog.records if "quota of 50,000 reached" in r.getMessage()]
     assert len(reached) == 1  # once per window, not per email or per batch
 
     clock.now = midnight + timedelta(seconds=1)
-    assert delivery.drain(Kind.TRANSACTIONAL) == 3
+    assert delivery.drain(Kind.TRANSACTIONAL) == 4
 
-    assert {m.status for m in rows(messages)} == {MessageStatus.SENT}
-    assert len(smtp.messages) == 4
+    assert {m.status for m in rows([*messages, late])} == {MessageStatus.SENT}
+    assert len(smtp.messages) == 5
     (today,) = quota.usage(Queue.TRANSACTIONAL)
-    assert (today.window.start, today.used) == (midnight, 3)
+    assert (today.window.start, today.used) == (midnight, 4)
 
 
 def test_an_hourly_cap_holds_the_rest_until_the_next_hour(smtp, broker, settings, clock):
@@ -313,6 +320,9 @@ def test_warmup_holds_a_campaign_and_its_report_says_until_when(
     assert figures["quota_wait"] == f"Waiting for quota: {waiting}"
     page = admin_client.get(reverse("admin:mailer_campaign_change", args=[campaign.pk]))
     assert f"Waiting for quota: {waiting}".replace("'", "&#x27;") in page.content.decode()
+    answer = admin_client.get(reverse("admin:mailer_campaign_report_csv", args=[campaign.pk]))
+    table = list(csv.reader(io.StringIO(b"".join(answer.streaming_content).decode())))
+    assert ["waiting", f"Waiting for quota: {waiting}"] in table
 
     clock.now = datetime(2026, 12, 6, 0, 1, tzinfo=UTC)  # day 1: still 2 a day
     assert reports.report(campaign)["quota_wait"] == ""

@@ -7,6 +7,8 @@ import io
 import logging
 import random
 import threading
+import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -31,6 +33,7 @@ from mailer.models import (
     Template,
     WarmupSchedule,
 )
+from tests.conftest import wait_for
 from tests.factories import PASSWORD, MessageFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -409,3 +412,44 @@ def test_quotas_that_do_not_parse_are_reported_by_the_system_check(settings):
     assert len(errors) == 2
     assert all(isinstance(e, django_checks.Error) for e in errors)
     assert "week" in errors[0].msg and "Mars/Base" in errors[1].msg
+
+
+# --- Real worker processes ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_two_worker_processes_together_send_exactly_the_daily_quota(
+    transactional_db, broker, smtp, start_worker
+):
+    workers = [
+        start_worker(f"quota-{i}", MAILER_TRANSACTIONAL_DAILY_QUOTA="150", MAILER_LOG_LEVEL="INFO")
+        for i in range(2)
+    ]
+    try:
+        messages = queue(300, prefix="daily")
+        dispatch.kick(Queue.TRANSACTIONAL)
+
+        wait_for(lambda: len(smtp.messages) >= 150, timeout=60)
+        wait_for(
+            lambda: (
+                not Message.objects.filter(status=MessageStatus.SENDING).exists()
+                and not Claim.objects.exists()
+            ),
+            timeout=30,
+        )
+        time.sleep(2)  # nothing more leaves
+
+        assert len(smtp.messages) == 150
+        statuses = Counter(m.status for m in rows(messages))
+        assert statuses == {MessageStatus.SENT: 150, MessageStatus.QUEUED: 150}
+        assert not Event.objects.filter(event_type__in=("failed", "deferred")).exists()
+        held = Message.objects.filter(status=MessageStatus.QUEUED).exclude(last_error="")
+        assert {m.last_error.split(";")[0] for m in held} == {
+            "Waiting: daily quota of 150 reached (transactional)"
+        }
+        logs = "".join(w.log_path.read_text(errors="replace") for w in workers)
+        assert logs.count("daily quota of 150 reached") == 1
+        assert all(" sent," in w.log_path.read_text() for w in workers), "both should send"
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -31,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_LANGUAGE": "en",
     # Messages a worker claims and sends over one connection at a time.
     "BATCH_SIZE": 100,
+    # Connections to the server (or concurrent API calls) each worker process sends
+    # over, per queue: the waiting for a distant server overlaps.
+    "CONNECTIONS": {"transactional": 1, "campaign": 1},
     # A drain task hands over to a fresh task after this many seconds.
     "DRAIN_SECONDS": 15,
     # Delivery attempts before a transient failure becomes final.
@@ -169,6 +172,15 @@ def parse_rate(value: str | None) -> float | None:
 def rate_limit(queue: str) -> float | None:
     """Messages per second allowed on a queue across all workers, or None."""
     return parse_rate(get("RATE_LIMITS").get(queue))
+
+
+def connections(queue: str) -> int:
+    """How many connections a worker process sends a queue's mail over (1 to 200)."""
+    value = get("CONNECTIONS").get(queue) or 1
+    return min(max(int(value), 1), MAX_CONNECTIONS)
+
+
+MAX_CONNECTIONS = 200
 
 
 def redis_url() -> str | None:

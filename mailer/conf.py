@@ -34,6 +34,10 @@ DEFAULTS: dict[str, Any] = {
     # Connections to the server (or concurrent API calls) each worker process sends
     # over, per queue: the waiting for a distant server overlaps.
     "CONNECTIONS": {"transactional": 1, "campaign": 1},
+    # After a "slow down" (SMTP 421 / 4.7.x, ESP 429): how long the emails concerned wait
+    # when the server gives no Retry-After, and how often a tenth of the speed comes back.
+    "THROTTLE_WAIT": 30,
+    "THROTTLE_RECOVERY": 30,
     # A drain task hands over to a fresh task after this many seconds.
     "DRAIN_SECONDS": 15,
     # Delivery attempts before a transient failure becomes final.

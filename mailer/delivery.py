@@ -25,8 +25,8 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
 from django.utils import timezone
 
-from . import compose, conf, dispatch, outbox, ratelimit, transport
-from .exceptions import PermanentSendError, SendError, ServiceUnavailable
+from . import compose, conf, dispatch, outbox, ratelimit, throttle, transport
+from .exceptions import PermanentSendError, SendError, ServiceUnavailable, Throttled
 from .mime import PreparedEmail
 from .models import Message, Queue, Suppression
 
@@ -186,9 +186,15 @@ class Limiter:
     back.
     """
 
-    def __init__(self, queue: Queue, batch: int, db: Database | None = None):
+    def __init__(
+        self,
+        queue: Queue,
+        batch: int,
+        db: Database | None = None,
+        speed: throttle.Speed = throttle.FULL,
+    ):
         self.queue, self.db = queue, db or Database()
-        self.rate = conf.rate_limit(queue)
+        self.rate = speed.rate(conf.rate_limit(queue))
         self.step = ratelimit.chunk_size(queue, batch)
         self.reserved = 0
 
@@ -209,7 +215,7 @@ class Limiter:
         delay = 0.25
         while not stopping():
             try:
-                return self.db.call(ratelimit.reserve, self.queue, self.step)
+                return self.db.call(ratelimit.reserve, self.queue, self.step, rate=self.rate)
             except (redis.RedisError, DatabaseError) as exc:
                 if time.monotonic() > deadline:
                     logger.error("mailer: rate-limit store still down; handing the batch back")
@@ -257,7 +263,7 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
     db, leases = Database(shared=lanes > 1), Leases()
     try:
         if lanes == 1:
-            total, more = _lane(queue, db, leases, deadline, batch_size(queue))
+            total, more = _lane(queue, db, leases, deadline, batch_size(queue), 0, 1)
         else:
             total, more = _pool(queue, lanes, db, leases, deadline)
     finally:
@@ -276,7 +282,8 @@ def _pool(queue: Queue, lanes: int, db: Database, leases: Leases, deadline: floa
     size = batch_size(queue, lanes)
     with ThreadPoolExecutor(lanes, thread_name_prefix=f"mailer-{queue}") as pool:
         futures = [
-            pool.submit(_lane, queue, db, leases, deadline, size, lane) for lane in range(lanes)
+            pool.submit(_lane, queue, db, leases, deadline, size, lane, lanes)
+            for lane in range(lanes)
         ]
     outcomes = [future.result() for future in futures]  # a lane's error goes up here
     total = sum(sent for sent, _ in outcomes)
@@ -285,15 +292,23 @@ def _pool(queue: Queue, lanes: int, db: Database, leases: Leases, deadline: floa
 
 
 def _lane(
-    queue: Queue, db: Database, leases: Leases, deadline: float, size: int, lane: int = 0
+    queue: Queue,
+    db: Database,
+    leases: Leases,
+    deadline: float,
+    size: int,
+    lane: int,
+    lanes: int,
 ) -> tuple[int, float | None]:
     """Claim and send batches until the queue is empty, the deadline or a stop.
 
     Returns how many were sent and when the queue should be looked at again (None: it
-    is empty; 0: at once).
+    is empty, or this lane is idle while the queue is throttled; 0: at once).
     """
     total = 0
     while not stopping() and time.monotonic() < deadline:
+        if lane and lane >= db(throttle.speed, queue).connections(lanes):
+            return total, None  # the server asked us to slow down: fewer connections
         if lane == 0:
             dispatch.clear_kick(queue)
         token = uuid.uuid4()
@@ -375,7 +390,7 @@ def send_batch(
     blocked = db(suppressed_addresses, [m.to_email for m in messages], queue)
     templates = compose.Templates()
     sender = transport.Sender()
-    limiter = Limiter(queue, len(messages), db)
+    limiter = Limiter(queue, len(messages), db, db(throttle.speed, queue))
     link_cache = compose.LinkCache(db if db.shared else None)
     stopped = db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
     checked = time.monotonic()
@@ -425,7 +440,7 @@ def send_batch(
                 try:
                     sender.open()
                 except ServiceUnavailable as error:
-                    _outage(queue, error, result)
+                    _outage(queue, error, result, db)
                     db(note.result)
                     untried.extend(messages[index:])
                     break
@@ -438,7 +453,7 @@ def send_batch(
                 except ServiceUnavailable as error:
                     # The connection failed under this email: it most likely did not
                     # leave. It waits with the rest; its attempt does not count.
-                    _outage(queue, error, result)
+                    _outage(queue, error, result, db)
                     message.attempts -= 1
                     uncount.append(message)
                     continue
@@ -490,7 +505,14 @@ def _build(message: Message, templates: compose.Templates, link_cache: compose.L
     return compose.build_email(message, templates.for_message(message), link_cache=link_cache)
 
 
-def _outage(queue: Queue, error: SendError, result: BatchResult) -> None:
+def _outage(queue: Queue, error: SendError, result: BatchResult, db: Database) -> None:
+    if isinstance(error, Throttled):
+        # Asked to slow down, not down: the queue slows for every process, and the
+        # emails concerned wait what the server asked (or THROTTLE_WAIT).
+        db(throttle.slow_down, queue, str(error))
+        wait = error.retry_after if error.retry_after is not None else conf.get("THROTTLE_WAIT")
+        result.wait, result.outage = max(1.0, float(wait)), f"throttled: {error}"
+        return
     result.wait, result.outage = transport.outage.failed(), str(error)
     logger.warning(
         "mailer: %s backend unavailable (%s); mail waits %.0f s", queue, error, result.wait

@@ -45,14 +45,17 @@ _DB_DOWN = (OperationalError, InterfaceError)
 # --- Stopping ------------------------------------------------------------------------------
 
 _stop_at: float | None = None
-_stop_event = threading.Event()
 
 
 def request_stop() -> None:
-    """Warm shutdown: stop claiming, finish the email on the wire, hand back the rest."""
+    """Warm shutdown: stop claiming, finish the email on the wire, hand back the rest.
+
+    It runs in a signal handler, sometimes inside itself (the signal to the process group
+    and the one the main process forwards arrive together): so it only sets a value, and
+    never takes a lock a handler it interrupted might hold.
+    """
     global _stop_at
     _stop_at = time.monotonic()
-    _stop_event.set()
 
 
 def stopping() -> bool:
@@ -61,14 +64,25 @@ def stopping() -> bool:
         return False
     if time.monotonic() - _stop_at > STOP_VALID_SECONDS:
         _stop_at = None
-        _stop_event.clear()
         return False
     return True
 
 
+def clear_stop() -> None:
+    """Forget a stop request (a process that carries on, and tests)."""
+    global _stop_at
+    _stop_at = None
+
+
 def _pause(seconds: float) -> bool:
-    """Sleep, waking early on a stop request; True if it was cut short."""
-    return _stop_event.wait(seconds) and stopping()
+    """Sleep, waking within a tenth of a second of a stop request; True if cut short."""
+    deadline = time.monotonic() + seconds
+    while not stopping():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.1))
+    return True
 
 
 # --- Holding claims and waiting for services --------------------------------------------------

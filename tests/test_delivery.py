@@ -416,8 +416,7 @@ def watching(settings):
     Watching.seen, Watching.on_send = [], None
     yield Watching
     Watching.on_send = None
-    delivery._stop_at = None
-    delivery._stop_event.clear()
+    delivery.clear_stop()
 
 
 def test_each_outcome_is_recorded_before_the_next_email_goes_out(broker, watching):

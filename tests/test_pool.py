@@ -28,8 +28,7 @@ def pooled(settings, connections: int, **values) -> None:
 @pytest.fixture
 def stop_cleared():
     yield
-    delivery._stop_at = None
-    delivery._stop_event.clear()
+    delivery.clear_stop()
 
 
 def test_a_pool_sends_each_message_once_over_several_connections_at_once(smtp, broker, settings):

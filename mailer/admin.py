@@ -20,6 +20,7 @@ from . import (
     abtest,
     campaigns,
     compose,
+    conf,
     contacts,
     outbox,
     quota,
@@ -28,6 +29,7 @@ from . import (
     reputation,
     segments,
     suppressions,
+    throttle,
 )
 from .exceptions import ImportFileError, MailerError
 from .models import (
@@ -38,6 +40,7 @@ from .models import (
     Link,
     Message,
     Queue,
+    QueueThrottle,
     ReputationPause,
     Segment,
     SegmentRule,
@@ -887,6 +890,51 @@ class LinkAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False
+
+
+@admin.register(QueueThrottle)
+class QueueThrottleAdmin(admin.ModelAdmin):
+    """A queue the server asked to slow down: how fast it sends now, and why."""
+
+    list_display = ("queue", "speed_now", "connections_now", "rate_now", "reason", "since")
+    readonly_fields = ("queue", "factor", "reason", "since", "signalled_at", "speed_now")
+    actions = ("back_to_full_speed",)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # set by the servers' replies; the action below resets it
+
+    def _speed(self, row: QueueThrottle) -> throttle.Speed:
+        return throttle.speed(row.queue)
+
+    @admin.display(description="speed now")
+    def speed_now(self, row: QueueThrottle) -> str:
+        speed = self._speed(row)
+        return "full" if not speed.throttled else f"{round(speed.factor * 100)}%"
+
+    @admin.display(description="connections per process")
+    def connections_now(self, row: QueueThrottle) -> str:
+        configured = conf.connections(row.queue)
+        return f"{self._speed(row).connections(configured)} of {configured}"
+
+    @admin.display(description="rate limit now")
+    def rate_now(self, row: QueueThrottle) -> str:
+        configured = conf.rate_limit(row.queue)
+        if configured is None:
+            return "none"
+        return f"{self._speed(row).rate(configured):g}/s of {configured:g}/s"
+
+    @admin.action(description="Back to full speed", permissions=("reset",))
+    def back_to_full_speed(self, request, queryset):
+        for row in queryset:
+            throttle.reset(row.queue)
+        self.message_user(request, f"{queryset.count()} queue(s) back to full speed.")
+
+    def has_reset_permission(self, request) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
 
 
 @admin.register(ReputationPause)

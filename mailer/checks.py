@@ -69,6 +69,20 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 id="mailer.E007",
             )
         )
+    for queue, value in (conf.get("CONNECTIONS") or {}).items():
+        try:
+            valid = 1 <= int(value) <= conf.MAX_CONNECTIONS
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            errors.append(
+                checks.Error(
+                    f"MAILER['CONNECTIONS'][{queue!r}] is {value!r}: it must be a whole "
+                    f"number from 1 to {conf.MAX_CONNECTIONS}.",
+                    hint="Set MAILER_CAMPAIGN_CONNECTIONS / MAILER_TRANSACTIONAL_CONNECTIONS.",
+                    id="mailer.E010",
+                )
+            )
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
         errors.append(
             checks.Warning(

@@ -106,14 +106,28 @@ _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"'\s>]+)\2""",
 _BODY_END = re.compile(r"</body\s*>", re.I)
 
 
-def link_id(url: str, cache: dict[str, int] | None = None) -> int:
-    """The id of a recorded URL, recording it the first time.
+class LinkCache(dict):
+    """Link ids by URL for one batch (or one pooled drain): a campaign's few links cost a
+    query each, and nothing stale outlives it. ``database`` runs the lookups where the
+    caller's database work runs (a pool's database thread)."""
 
-    ``cache`` lives for one batch: a campaign's few links cost a query each per batch,
-    and nothing stale outlives it.
-    """
+    def __init__(self, database=None):
+        super().__init__()
+        self.database = database
+
+
+def link_id(url: str, cache: dict[str, int] | None = None) -> int:
+    """The id of a recorded URL, recording it the first time."""
     if cache is not None and url in cache:
         return cache[url]
+    database = getattr(cache, "database", None)
+    pk = database(_record_link, url) if database is not None else _record_link(url)
+    if cache is not None:
+        cache[url] = pk
+    return pk
+
+
+def _record_link(url: str) -> int:
     digest = hashlib.sha256(url.encode()).hexdigest()
     link = Link.objects.filter(url_hash=digest).only("id").first()
     if link is None:
@@ -122,8 +136,6 @@ def link_id(url: str, cache: dict[str, int] | None = None) -> int:
                 link = Link.objects.create(url=url, url_hash=digest)
         except IntegrityError:
             link = Link.objects.get(url_hash=digest)
-    if cache is not None:
-        cache[url] = link.pk
     return link.pk
 
 

@@ -40,6 +40,13 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_LANGUAGE": "en",
     # Messages a worker claims and sends over one connection at a time.
     "BATCH_SIZE": 100,
+    # Connections to the server (or concurrent API calls) each worker process sends
+    # over, per queue: the waiting for a distant server overlaps.
+    "CONNECTIONS": {"transactional": 1, "campaign": 1},
+    # After a "slow down" (SMTP 421 / 4.7.x, ESP 429): how long the emails concerned wait
+    # when the server gives no Retry-After, and how often a tenth of the speed comes back.
+    "THROTTLE_WAIT": 30,
+    "THROTTLE_RECOVERY": 30,
     # A drain task hands over to a fresh task after this many seconds.
     "DRAIN_SECONDS": 15,
     # Delivery attempts before a transient failure becomes final.
@@ -219,6 +226,15 @@ def quota_timezone() -> ZoneInfo:
             f"MAILER['QUOTA_TIMEZONE'] {name!r} is not a time zone name such as 'UTC' or "
             "'Europe/Paris'."
         ) from None
+
+
+def connections(queue: str) -> int:
+    """How many connections a worker process sends a queue's mail over (1 to 200)."""
+    value = get("CONNECTIONS").get(queue) or 1
+    return min(max(int(value), 1), MAX_CONNECTIONS)
+
+
+MAX_CONNECTIONS = 200
 
 
 def redis_url() -> str | None:

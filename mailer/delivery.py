@@ -15,6 +15,8 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -23,8 +25,8 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
 from django.utils import timezone
 
-from . import compose, conf, dispatch, outbox, quota, ratelimit, transport
-from .exceptions import PermanentSendError, SendError, ServiceUnavailable
+from . import compose, conf, dispatch, outbox, quota, ratelimit, throttle, transport
+from .exceptions import PermanentSendError, SendError, ServiceUnavailable, Throttled
 from .mime import PreparedEmail
 from .models import Message, Queue, Suppression
 
@@ -43,14 +45,17 @@ _DB_DOWN = (OperationalError, InterfaceError)
 # --- Stopping ------------------------------------------------------------------------------
 
 _stop_at: float | None = None
-_stop_event = threading.Event()
 
 
 def request_stop() -> None:
-    """Warm shutdown: stop claiming, finish the email on the wire, hand back the rest."""
+    """Warm shutdown: stop claiming, finish the email on the wire, hand back the rest.
+
+    It runs in a signal handler, sometimes inside itself (the signal to the process group
+    and the one the main process forwards arrive together): so it only sets a value, and
+    never takes a lock a handler it interrupted might hold.
+    """
     global _stop_at
     _stop_at = time.monotonic()
-    _stop_event.set()
 
 
 def stopping() -> bool:
@@ -59,42 +64,69 @@ def stopping() -> bool:
         return False
     if time.monotonic() - _stop_at > STOP_VALID_SECONDS:
         _stop_at = None
-        _stop_event.clear()
         return False
     return True
 
 
+def clear_stop() -> None:
+    """Forget a stop request (a process that carries on, and tests)."""
+    global _stop_at
+    _stop_at = None
+
+
 def _pause(seconds: float) -> bool:
-    """Sleep, waking early on a stop request; True if it was cut short."""
-    return _stop_event.wait(seconds) and stopping()
+    """Sleep, waking within a tenth of a second of a stop request; True if cut short."""
+    deadline = time.monotonic() + seconds
+    while not stopping():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.1))
+    return True
 
 
 # --- Holding claims and waiting for services --------------------------------------------------
 
 
-class Lease:
-    """Renews the lease on one batch's claim from a background thread while it is sent,
-    so a live worker never loses its claim, and a dead one's lapses within the lease."""
+class Leases:
+    """Renews the lease on every claim a drain holds from one background thread while
+    they are sent, so a live worker never loses a claim and a dead one's lapse within
+    the lease. A pool's connections share it: one renewal statement for all."""
 
-    def __init__(self, token: uuid.UUID):
-        self.token = token
+    def __init__(self):
         self.every = max(1.0, float(conf.get("SENDING_LEASE")) / 3)
+        self._tokens: set[uuid.UUID] = set()
+        self._lock = threading.Lock()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mailer-lease", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Lease:
-        self._thread.start()
-        return self
+    @contextmanager
+    def hold(self, token: uuid.UUID):
+        with self._lock:
+            self._tokens.add(token)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mailer-lease", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._tokens.discard(token)
 
-    def __exit__(self, *exc_info) -> None:
+    def close(self) -> None:
         self._done.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         try:
             while not self._done.wait(self.every):
+                with self._lock:
+                    tokens = list(self._tokens)
+                if not tokens:
+                    continue
                 try:
-                    outbox.renew([self.token])
+                    outbox.renew(tokens)
                 except DatabaseError as exc:
                     logger.warning("mailer: could not renew a lease: %s", exc.__class__.__name__)
                     db_connection.close()
@@ -126,6 +158,40 @@ def with_database(action, *args, **kwargs):
             delay = min(delay * 2, 5.0)
 
 
+class Database:
+    """Where a drain's database work runs.
+
+    One connection to the server: inline. A pool: on one thread of its own, so forty
+    SMTP connections share one database connection (PostgreSQL allows about a hundred
+    in all) and their statements never interleave.
+    """
+
+    def __init__(self, *, shared: bool = False):
+        self.shared = shared
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mailer-db") if shared else None
+
+    def __call__(self, action, *args, **kwargs):
+        if self._executor is None:
+            return with_database(action, *args, **kwargs)
+        return self._executor.submit(with_database, action, *args, **kwargs).result()
+
+    def call(self, action, *args, **kwargs):
+        """Run where the database work runs, without waiting out a database outage."""
+        if self._executor is None:
+            return action(*args, **kwargs)
+        return self._executor.submit(action, *args, **kwargs).result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.submit(_close_connections).result()
+            self._executor.shutdown()
+
+
+def _close_connections() -> None:
+    outbox.close_notes()
+    db_connection.close()
+
+
 class Limiter:
     """The queue's shared rate limit and quotas, reserved a few sends at a time.
 
@@ -135,9 +201,15 @@ class Limiter:
     batch waits for that window.
     """
 
-    def __init__(self, queue: Queue, batch: int):
-        self.queue = queue
-        self.rate = conf.rate_limit(queue)
+    def __init__(
+        self,
+        queue: Queue,
+        batch: int,
+        db: Database | None = None,
+        speed: throttle.Speed = throttle.FULL,
+    ):
+        self.queue, self.db = queue, db or Database()
+        self.rate = speed.rate(conf.rate_limit(queue))
         self.step = ratelimit.chunk_size(queue, batch)
         self.quota_step = quota.chunk_size(queue, batch)  # None: no quota applies
         self.left = batch  # sends this batch may still ask for
@@ -165,18 +237,18 @@ class Limiter:
                 return False
             want = grant.granted
         if self.rate is not None:
-            wait = self._from_store(ratelimit.reserve, want)
+            wait = self._from_store(ratelimit.reserve, want, rate=self.rate)
             if wait is None or (wait > 0 and _pause(wait)):
                 return False
         self.reserved = want
         return True
 
-    def _from_store(self, reserve, count: int):
+    def _from_store(self, reserve, count: int, **kwargs):
         deadline = time.monotonic() + float(conf.get("RATE_STORE_WAIT"))
         delay = 0.25
         while not stopping():
             try:
-                return reserve(self.queue, count)
+                return self.db.call(reserve, self.queue, count, **kwargs)
             except (redis.RedisError, DatabaseError) as exc:
                 if time.monotonic() > deadline:
                     logger.error("mailer: rate-limit store still down; handing the batch back")
@@ -187,7 +259,7 @@ class Limiter:
                     self.queue,
                 )
                 if isinstance(exc, DatabaseError):
-                    db_connection.close()
+                    self.db.call(db_connection.close)
                 if _pause(delay):
                     return None
                 delay = min(delay * 2, 2.0)
@@ -197,46 +269,93 @@ class Limiter:
 # --- Draining a queue -----------------------------------------------------------------------
 
 
-def batch_size(queue: Queue) -> int:
-    """BATCH_SIZE, or fewer: never hold more claims than about five seconds of the rate."""
+def batch_size(queue: Queue, lanes: int = 1) -> int:
+    """A lane's share of BATCH_SIZE (at least 10, so a claim is not paid per email), and
+    fewer: all lanes together never hold more claims than about five seconds of the rate.
+    """
     size = int(conf.get("BATCH_SIZE"))
+    if lanes > 1:
+        size = max(size // lanes, min(10, size))
     rate = conf.rate_limit(queue)
-    return size if rate is None else max(1, min(size, int(rate * 5)))
+    return size if rate is None else max(1, min(size, int(rate * 5 / lanes)))
 
 
 def drain(queue: str = Queue.TRANSACTIONAL) -> int:
     """Send the due messages of a queue batch by batch; hand over after DRAIN_SECONDS.
 
-    Returns how many emails were sent.
+    With CONNECTIONS above 1 the queue is drained by that many lanes at once, each with
+    its own connection to the server and its own claims, sharing one database thread:
+    the waiting for the server overlaps, the CPU per email stays the same. Returns how
+    many emails were sent.
     """
-    try:
-        return _drain(Queue(queue))
-    finally:
-        outbox.close_notes()
-
-
-def _drain(queue: Queue) -> int:
+    queue = Queue(queue)
+    # Inside a transaction (a host draining in atomic(), or a test) the claims are not
+    # visible to another connection: one lane, on this one.
+    lanes = 1 if db_connection.in_atomic_block else conf.connections(queue)
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
-    size = batch_size(queue)
+    db, leases = Database(shared=lanes > 1), Leases()
+    try:
+        if lanes == 1:
+            total, more = _lane(queue, db, leases, deadline, batch_size(queue), 0, 1)
+        else:
+            total, more = _pool(queue, lanes, db, leases, deadline)
+    finally:
+        leases.close()
+        db.close()
+        if not db.shared:
+            outbox.close_notes()
+    if more is not None:
+        # Hand over to a fresh task; on shutdown a few seconds later, to another worker,
+        # so a process told to stop never spins on its own wake-ups.
+        dispatch.kick(queue, countdown=more)
+    return total
+
+
+def _pool(queue: Queue, lanes: int, db: Database, leases: Leases, deadline: float):
+    size = batch_size(queue, lanes)
+    with ThreadPoolExecutor(lanes, thread_name_prefix=f"mailer-{queue}") as pool:
+        futures = [
+            pool.submit(_lane, queue, db, leases, deadline, size, lane, lanes)
+            for lane in range(lanes)
+        ]
+    outcomes = [future.result() for future in futures]  # a lane's error goes up here
+    total = sum(sent for sent, _ in outcomes)
+    waits = [more for _, more in outcomes if more is not None]
+    return total, (max(waits) if waits else None)
+
+
+def _lane(
+    queue: Queue,
+    db: Database,
+    leases: Leases,
+    deadline: float,
+    size: int,
+    lane: int,
+    lanes: int,
+) -> tuple[int, float | None]:
+    """Claim and send batches until the queue is empty, the deadline or a stop.
+
+    Returns how many were sent and when the queue should be looked at again (None: it
+    is empty, or this lane is idle while the queue is throttled; 0: at once).
+    """
     total = 0
     while not stopping() and time.monotonic() < deadline:
-        dispatch.clear_kick(queue)
+        if lane and lane >= db(throttle.speed, queue).connections(lanes):
+            return total, None  # the server asked us to slow down: fewer connections
+        if lane == 0:
+            dispatch.clear_kick(queue)
         token = uuid.uuid4()
-        batch = with_database(outbox.claim, queue, size, token)
+        batch = db(outbox.claim, queue, size, token)
         if not batch:
-            return total
-        if len(batch) == size:
+            return total, None
+        if len(batch) == size and lane == 0:
             dispatch.kick(queue)  # more is waiting: let an idle worker process share it
-        result = send_batch(batch, queue, token=token, deadline=deadline)
+        result = send_batch(batch, queue, token=token, deadline=deadline, db=db, leases=leases)
         total += result.sent
         if result.wait:
-            # The server is unreachable: the batch waits, and so does this queue.
-            dispatch.kick(queue, countdown=result.wait)
-            return total
-    # Hand over to a fresh task; on shutdown a few seconds later, to another worker, so a
-    # process told to stop never spins on its own wake-ups.
-    dispatch.kick(queue, countdown=5 if stopping() else None)
-    return total
+            # The server is unreachable: the batch waits, and so does this lane.
+            return total, result.wait
+    return total, (5 if stopping() else 0)
 
 
 # --- Sending one batch --------------------------------------------------------------------
@@ -279,6 +398,8 @@ def send_batch(
     *,
     token: uuid.UUID | None = None,
     deadline: float | None = None,
+    db: Database | None = None,
+    leases: Leases | None = None,
 ) -> BatchResult:
     """Send messages claimed under ``token``, noting each outcome before the next email.
 
@@ -292,48 +413,55 @@ def send_batch(
     result = BatchResult()
     if not messages:
         return result
-    blocked = with_database(suppressed_addresses, [m.to_email for m in messages], queue)
+    if leases is None:  # a batch sent on its own
+        leases = Leases()
+        try:
+            return send_batch(messages, queue, token=token, deadline=deadline, db=db, leases=leases)
+        finally:
+            leases.close()
+    db = db or Database()
+    blocked = db(suppressed_addresses, [m.to_email for m in messages], queue)
     templates = compose.Templates()
     sender = transport.Sender()
-    limiter = Limiter(queue, len(messages))
-    link_cache: dict[str, int] = {}
-    stopped = with_database(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
+    limiter = Limiter(queue, len(messages), db, db(throttle.speed, queue))
+    link_cache = compose.LinkCache(db if db.shared else None)
+    stopped = db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
     checked = time.monotonic()
     batch = outbox.Batch(token=token)
     untried: list[Message] = []
     uncount: list[Message] = []
     pending: tuple[outbox.Sent, datetime] | None = None  # noted on the claim with the next
-    with Lease(token):
+    with leases.hold(token):
         try:
             for index, message in enumerate(messages):
                 if stopping() or result.wait or (deadline and time.monotonic() > deadline):
                     untried.extend(messages[index:])
                     break
                 if message.campaign_id and time.monotonic() - checked > STATE_CHECK_SECONDS:
-                    stopped = with_database(outbox.stopped_campaigns, {message.campaign_id})
+                    stopped = db(outbox.stopped_campaigns, {message.campaign_id})
                     checked = time.monotonic()
                 # Whatever is not sent is written at once: recovery counts every message of
                 # this claim still in sending, up to the last one sent, as having left.
                 if message.campaign_id in stopped:
-                    result.released += with_database(outbox.release, [message], token)
+                    result.released += db(outbox.release, [message], token)
                     continue
                 if message.to_email in blocked:
-                    result.suppressed += with_database(outbox.record_suppressed, [message])
+                    result.suppressed += db(outbox.record_suppressed, [message])
                     continue
                 # The note for this email travels while it is composed (outbox.Note).
-                note = outbox.Note(message, token, pending and pending[0])
+                note = db(outbox.Note, message, token, pending and pending[0], ahead=not db.shared)
                 if pending is not None:
                     batch.sent.append(pending)  # noted now, or written when the batch ends
                     pending = None
                 try:
-                    email = with_database(_compose, message, templates, link_cache)
+                    email = _compose(message, templates, link_cache, db)
                 except Exception as exc:  # noqa: BLE001 - classify sorts every failure
                     # A template that cannot render fails at once; an unknown error is
                     # retried, and counts as an attempt although nothing left.
-                    if with_database(note.result):
-                        _fail(message, transport.classify(exc), result)
+                    if db(note.result):
+                        _fail(message, transport.classify(exc), result, db)
                     else:
-                        result.released += with_database(outbox.release, [message], token)
+                        result.released += db(outbox.release, [message], token)
                     continue
                 if not limiter.take():
                     if limiter.held is not None:  # a quota is used up: wait for its window
@@ -341,31 +469,31 @@ def send_batch(
                     elif not stopping():  # the rate-limit store stayed down: wait a while
                         result.wait = float(conf.get("RATE_STORE_WAIT"))
                         result.outage = "the rate-limit store is unavailable"
-                    with_database(note.result)  # read, so the connection is free again
+                    db(note.result)  # read, so the connection is free again
                     untried.extend(messages[index:])
                     break
                 try:
                     sender.open()
                 except ServiceUnavailable as error:
-                    _outage(queue, error, result)
-                    with_database(note.result)
+                    _outage(queue, error, result, db)
+                    db(note.result)
                     untried.extend(messages[index:])
                     break
-                if not with_database(note.result):  # its campaign stopped, or the claim lapsed
+                if not db(note.result):  # its campaign stopped, or the claim lapsed
                     stopped |= {message.campaign_id} - {None}
-                    result.released += with_database(outbox.release, [message], token)
+                    result.released += db(outbox.release, [message], token)
                     continue
                 try:
                     sender.send(email)
                 except ServiceUnavailable as error:
                     # The connection failed under this email: it most likely did not
                     # leave. It waits with the rest; its attempt does not count.
-                    _outage(queue, error, result)
+                    _outage(queue, error, result, db)
                     message.attempts -= 1
                     uncount.append(message)
                     continue
                 except SendError as error:
-                    _fail(message, error, result)
+                    _fail(message, error, result, db)
                     continue
                 transport.outage.recovered()
                 pending = (outbox.Sent(message, provider_id(email)), timezone.now())
@@ -374,7 +502,7 @@ def send_batch(
             sender.close()
             if pending is not None:
                 batch.sent.append(pending)
-            result.released += with_database(
+            result.released += db(
                 outbox.finish,
                 batch,
                 untried,
@@ -399,18 +527,36 @@ def send_batch(
     return result
 
 
-def _compose(message: Message, templates: compose.Templates, link_cache: dict) -> PreparedEmail:
+def _compose(
+    message: Message, templates: compose.Templates, link_cache: compose.LinkCache, db: Database
+) -> PreparedEmail:
+    if not db.shared:  # inline, and again if the database connection drops meanwhile
+        return db(_build, message, templates, link_cache)
+    # A lane renders on its own thread; its few lookups go to the database thread.
+    return compose.build_email(message, db(templates.for_message, message), link_cache=link_cache)
+
+
+def _build(message: Message, templates: compose.Templates, link_cache: compose.LinkCache):
     return compose.build_email(message, templates.for_message(message), link_cache=link_cache)
 
 
-def _outage(queue: Queue, error: SendError, result: BatchResult) -> None:
+def _outage(queue: Queue, error: SendError, result: BatchResult, db: Database) -> None:
+    if isinstance(error, Throttled):
+        # Asked to slow down, not down: the queue slows for every process, and the
+        # emails concerned wait what the server asked (or THROTTLE_WAIT).
+        db(throttle.slow_down, queue, str(error))
+        wait = error.retry_after if error.retry_after is not None else conf.get("THROTTLE_WAIT")
+        result.wait, result.outage = max(1.0, float(wait)), f"throttled: {error}"
+        return
     result.wait, result.outage = transport.outage.failed(), str(error)
     logger.warning(
         "mailer: %s backend unavailable (%s); mail waits %.0f s", queue, error, result.wait
     )
 
 
-def _fail(message: Message, error: SendError, result: BatchResult, *, count: bool = False) -> None:
+def _fail(
+    message: Message, error: SendError, result: BatchResult, db: Database, *, count: bool = False
+) -> None:
     """Permanent: failed now. Transient: again after a backoff, until MAX_ATTEMPTS.
 
     ``count``: the attempt was not counted by a try (the email never reached the wire).
@@ -421,12 +567,12 @@ def _fail(message: Message, error: SendError, result: BatchResult, *, count: boo
     if isinstance(error, PermanentSendError) or message.attempts >= max_attempts:
         if not isinstance(error, PermanentSendError):
             error = PermanentSendError(f"Gave up after {message.attempts} attempts: {error}")
-        with_database(outbox.record_failed, message, str(error))
+        db(outbox.record_failed, message, str(error))
         result.failed += 1
         return
     delay = transport.backoff(max(1, message.attempts))
     max_countdown = float(conf.get("MAX_COUNTDOWN"))
-    status = with_database(
+    status = db(
         outbox.record_retry,
         message,
         str(error),

@@ -72,6 +72,15 @@ class ServiceUnavailable(TransientSendError):
     """
 
 
+class Throttled(ServiceUnavailable):
+    """The server or ESP asks us to slow down (SMTP 421 or 4.7.x, HTTP 429): the email
+    waits, and the queue sends more slowly for a while."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class PermanentSendError(SendError):
     """Recipient refused, invalid address, 4xx from an ESP: never retry."""
 

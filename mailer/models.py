@@ -409,6 +409,23 @@ class ReputationPause(models.Model):
         return self.reason[:80]
 
 
+class QueueThrottle(models.Model):
+    """How fast a queue may send after its server asked us to slow down (shared by all
+    worker processes): halved by each request, regained a step at a time (``throttle``)."""
+
+    queue = models.CharField(max_length=20, primary_key=True, choices=Queue.choices)
+    factor = models.FloatField(default=1.0)  # at the last request; recovery is computed
+    reason = models.TextField(blank=True)
+    since = models.DateTimeField(null=True, blank=True)  # slowed down since (None: full)
+    signalled_at = models.DateTimeField(null=True, blank=True)  # the last request
+
+    class Meta:
+        verbose_name = "queue throttle"
+
+    def __str__(self) -> str:
+        return f"{self.queue} throttle"
+
+
 class MessageStatus(models.TextChoices):
     SCHEDULED = "scheduled", "Scheduled"
     QUEUED = "queued", "Queued"

@@ -338,10 +338,12 @@ NOTE_TIMEOUT = 10.0  # seconds without an answer before the note is sent again
 class Note:
     """A note under way; ``result()`` says whether the email may be sent (see try_next)."""
 
-    def __init__(self, next_message: Message, token: uuid.UUID, done: Sent | None):
+    def __init__(
+        self, next_message: Message, token: uuid.UUID, done: Sent | None, *, ahead: bool = True
+    ):
         self.next_message, self.token, self.done = next_message, token, done
         self._tried: bool | None = None
-        self._notes = _notes() if _can_send_ahead() else None
+        self._notes = _notes() if ahead and _can_send_ahead() else None
         if self._notes is not None:
             params = (done.message.pk if done else None, next_message.pk)
             params += (next_message.campaign_id,) * 2 + (next_message.pk, token)

@@ -60,9 +60,12 @@ def burst_for(rate: float) -> float:
     return max(1.0, rate)
 
 
-def reserve(queue: str, tokens: int = 1) -> float:
-    """Reserve tokens on a queue's bucket; return the seconds to wait before sending."""
-    rate = conf.rate_limit(queue)
+def reserve(queue: str, tokens: int = 1, *, rate: float | None = None) -> float:
+    """Reserve tokens on a queue's bucket; return the seconds to wait before sending.
+
+    ``rate``: the rate to hold to now (a throttled queue's), else the configured one.
+    """
+    rate = rate or conf.rate_limit(queue)
     if rate is None or tokens <= 0:
         return 0.0
     client = redis_client()

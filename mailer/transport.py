@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import smtplib
 import threading
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from anymail.exceptions import AnymailAPIError, AnymailError, AnymailRecipientsRefused
 from django.core.mail import get_connection
@@ -24,6 +27,7 @@ from .exceptions import (
     ServiceUnavailable,
     TemplateError,
     TemplateNotFound,
+    Throttled,
     TransientSendError,
 )
 from .mime import PreparedEmail
@@ -36,6 +40,31 @@ def _smtp_reply(exc: smtplib.SMTPResponseException) -> str:
     return error.decode(errors="replace") if isinstance(error, bytes) else str(error)
 
 
+_SLOW_DOWN = re.compile(r"\b4\.7\.\d{1,3}\b")  # enhanced status 4.7.x: policy, often rate
+
+
+def _slow_down(code: int, text: str) -> bool:
+    """421 (closing: too many connections or messages) or a 4xx with status 4.7.x."""
+    return code == 421 or (400 <= code < 500 and bool(_SLOW_DOWN.search(text)))
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds from an HTTP Retry-After header (a number or a date), if the ESP sent one."""
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
 def classify(exc: BaseException) -> SendError:
     """Permanent (never again), transient (again, bounded) or an outage (wait)."""
     if isinstance(exc, SendError):
@@ -46,7 +75,9 @@ def classify(exc: BaseException) -> SendError:
         return PermanentSendError(f"ESP refused the recipient: {exc}")
     if isinstance(exc, AnymailAPIError):
         status = getattr(exc, "status_code", None)
-        if status is None or status == 429 or status >= 500:
+        if status == 429:
+            return Throttled(f"ESP error 429: {exc}", retry_after=retry_after(exc))
+        if status is None or status >= 500:
             return ServiceUnavailable(f"ESP error {status or 'connection'}: {exc}")
         if status in (401, 403):
             return ServiceUnavailable(f"ESP refused our credentials ({status}): {exc}")
@@ -58,8 +89,8 @@ def classify(exc: BaseException) -> SendError:
         detail = "; ".join(
             f"{code} {reply.decode(errors='replace')}" for code, reply in exc.recipients.values()
         )
-        if codes and all(code == 421 for code in codes):
-            return ServiceUnavailable(f"SMTP server unavailable: {detail}")
+        if codes and all(_slow_down(code, detail) for code in codes):
+            return Throttled(f"SMTP server asks to slow down: {detail}")
         if codes and all(400 <= code < 500 for code in codes):
             return TransientSendError(f"SMTP recipient deferred: {detail}")
         return PermanentSendError(f"SMTP recipient refused: {detail}")
@@ -69,8 +100,8 @@ def classify(exc: BaseException) -> SendError:
         return ServiceUnavailable(f"SMTP authentication failed: {exc.smtp_code}")
     if isinstance(exc, smtplib.SMTPResponseException):
         text = f"SMTP {exc.smtp_code} {_smtp_reply(exc)}"
-        if exc.smtp_code == 421:
-            return ServiceUnavailable(text)
+        if _slow_down(exc.smtp_code, text):
+            return Throttled(text)
         if 400 <= exc.smtp_code < 500:
             return TransientSendError(text)
         return PermanentSendError(text)

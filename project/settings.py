@@ -181,6 +181,10 @@ MAILER = {
         default="Mailer Demo, 1 Example Street, 75001 Paris (demo address)" if DEBUG else "",
     ),
     "UNSUBSCRIBE_MAILTO": env.str("MAILER_UNSUBSCRIBE_MAILTO", default="") or None,
+    "CONNECTIONS": {
+        "transactional": env.int("MAILER_TRANSACTIONAL_CONNECTIONS", default=1),
+        "campaign": env.int("MAILER_CAMPAIGN_CONNECTIONS", default=1),
+    },
     "MAX_ATTEMPTS": env.int("MAILER_MAX_ATTEMPTS", default=5),
     "RETRY_BACKOFF_BASE": env.float("MAILER_RETRY_BACKOFF_BASE", default=30.0),
     "RETRY_BACKOFF_MAX": env.float("MAILER_RETRY_BACKOFF_MAX", default=3600.0),

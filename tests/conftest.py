@@ -6,6 +6,7 @@ CELERY_BROKER_URL. Integration fixtures fail (never skip) when a service is miss
 
 from __future__ import annotations
 
+import asyncio
 import email
 import os
 import shlex
@@ -100,6 +101,8 @@ class RecordingHandler:
         self.lock = threading.Lock()
         self.messages: list[Received] = []
         self.refuse: dict[str, str] = {}
+        self.delay = 0.0  # seconds before answering the end of DATA
+        self.in_flight = self.most_in_flight = 0  # emails being answered at once
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.refuse.get(address.lower())
@@ -109,6 +112,13 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            with self.lock:
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(self.delay)
+            with self.lock:
+                self.in_flight -= 1
         with self.lock:
             self.messages.append(
                 Received(
@@ -147,6 +157,8 @@ class SMTPServer:
     def reset(self) -> None:
         with self.handler.lock:
             self.handler.messages.clear()
+            self.handler.delay = 0.0
+            self.handler.in_flight = self.handler.most_in_flight = 0
         self.handler.refuse.clear()
         self.start()
 

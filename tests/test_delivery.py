@@ -14,7 +14,12 @@ from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 from django.utils import timezone
 
 from mailer import api, compose, delivery, outbox, rendering, transport
-from mailer.exceptions import PermanentSendError, ServiceUnavailable, TransientSendError
+from mailer.exceptions import (
+    PermanentSendError,
+    ServiceUnavailable,
+    Throttled,
+    TransientSendError,
+)
 from mailer.models import Claim, Event, Kind, Message, MessageStatus, Suppression
 from tests.conftest import assert_well_formed
 from tests.factories import MessageFactory, SuppressionFactory
@@ -274,7 +279,7 @@ def esp_error(status: int) -> AnymailAPIError:
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (smtplib.SMTPResponseException(421, b"4.7.0 Try again later"), ServiceUnavailable),
+        (smtplib.SMTPResponseException(421, b"4.7.0 Try again later"), Throttled),
         (smtplib.SMTPResponseException(450, b"4.2.1 Busy"), TransientSendError),
         (smtplib.SMTPResponseException(554, b"5.7.1 Rejected"), PermanentSendError),
         (smtplib.SMTPSenderRefused(451, b"4.3.0 Busy", "noreply@mailer.test"), TransientSendError),
@@ -284,7 +289,7 @@ def esp_error(status: int) -> AnymailAPIError:
         (smtplib.SMTPServerDisconnected("gone"), ServiceUnavailable),
         (ConnectionRefusedError(111, "Connection refused"), ServiceUnavailable),
         (TimeoutError("timed out"), ServiceUnavailable),
-        (esp_error(429), ServiceUnavailable),
+        (esp_error(429), Throttled),
         (esp_error(503), ServiceUnavailable),
         (esp_error(400), PermanentSendError),
         (AnymailAPIError("no response"), ServiceUnavailable),
@@ -411,8 +416,7 @@ def watching(settings):
     Watching.seen, Watching.on_send = [], None
     yield Watching
     Watching.on_send = None
-    delivery._stop_at = None
-    delivery._stop_event.clear()
+    delivery.clear_stop()
 
 
 def test_each_outcome_is_recorded_before_the_next_email_goes_out(broker, watching):

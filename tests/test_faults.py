@@ -138,7 +138,7 @@ def start_mail(marketing):
 class Stack:
     """Both Procfile workers and beat, rate-limited, as production runs them."""
 
-    def __init__(self, procfile):
+    def __init__(self, procfile, **env: str):
         self.procfile = procfile
         self.env = {
             "WORKER_CONCURRENCY": "2",
@@ -146,6 +146,7 @@ class Stack:
             "MAILER_RATE_LIMIT_CAMPAIGN": RATE,
             "MAILER_RATE_LIMIT_TRANSACTIONAL": RATE,
             "MAILER_SENDING_LEASE": SENDING_LEASE,
+            **env,
         }
         self.workers: dict[str, ProcfileProcess] = {}
 
@@ -163,6 +164,17 @@ class Stack:
 @pytest.fixture
 def stack(broker, smtp, procfile) -> Stack:
     return Stack(procfile).start()
+
+
+POOL = 8  # connections per worker process in the pooled stack
+POOL_REPLY_DELAY = 0.02  # a distant server: each process has several emails on the wire
+
+
+@pytest.fixture
+def pooled_stack(broker, smtp, procfile) -> Stack:
+    smtp.handler.delay = POOL_REPLY_DELAY
+    connections = {f"MAILER_{kind.upper()}_CONNECTIONS": str(POOL) for kind in KINDS}
+    return Stack(procfile, **connections).start()
 
 
 # --- Measuring --------------------------------------------------------------------------------
@@ -276,6 +288,51 @@ def test_kill_9_of_a_sending_worker_loses_nothing_and_doubles_at_most_one_email_
 
     assert gone is not None, "the killed worker's processes are still there"
     _assert_delivered_once(outcome, duplicates_allowed=allowed)
+
+
+def test_kill_9_of_a_pooled_worker_doubles_at_most_one_email_per_connection(
+    pooled_stack, start_mail, smtp, fault_figures
+):
+    mail = start_mail("campaign")
+    worker = pooled_stack.workers["campaign"]
+    _wait_mid_send(smtp, worker)
+
+    worker.kill()
+    fault_at = time.monotonic()
+    gone = worker.wait_gone(10)
+    pooled_stack.replace("campaign")
+    outcome = _outcome(smtp, mail, fault_at)
+    # Each connection of each killed pool process may have had one email on the wire.
+    allowed = worker.concurrency * POOL
+    _record(fault_figures, mail, outcome, fault="kill -9 pooled", duplicates_allowed=allowed)
+
+    assert gone is not None, "the killed worker's processes are still there"
+    _assert_delivered_once(outcome, duplicates_allowed=allowed)
+
+
+def test_sigterm_stops_a_pooled_worker_within_10_s_without_loss_or_double(
+    pooled_stack, start_mail, smtp, fault_figures
+):
+    mail = start_mail("campaign")
+    worker = pooled_stack.workers["campaign"]
+    _wait_mid_send(smtp, worker)
+
+    worker.terminate_group()
+    fault_at = time.monotonic()
+    exit_seconds = worker.wait_gone(EXIT_WAIT)
+    if exit_seconds is None:
+        worker.kill()
+        worker.wait_gone(10)
+    pooled_stack.replace("campaign")
+    outcome = _outcome(smtp, mail, fault_at)
+    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
+    _record(fault_figures, mail, outcome, fault="SIGTERM pooled", exit_seconds=shown)
+
+    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
+        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
+    )
+    _assert_delivered_once(outcome)
+    assert not Event.objects.filter(data__has_key="recovered").exists()
 
 
 SIGTERMS = [

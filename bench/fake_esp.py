@@ -267,6 +267,7 @@ class FakeEsp:
     def __init__(self, port: int = 0, host: str = "127.0.0.1", latency_ms: float = 0.0, limit=0):
         self.host, self.port, self.latency_ms, self.limit = host, port, latency_ms, limit
         self.process: subprocess.Popen | None = None
+        self._control: http.client.HTTPConnection | None = None
 
     @property
     def url(self) -> str:
@@ -289,12 +290,20 @@ class FakeEsp:
         return self
 
     def _call(self, method: str, path: str) -> dict:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=5)
-        try:
-            connection.request(method, "/" + path)
-            return json.loads(connection.getresponse().read())
-        finally:
-            connection.close()
+        """One call over a kept-alive control connection (opened once, so a reset's counts
+        leave it out, as the sink's XSTATS connection)."""
+        for attempt in (1, 2):
+            if self._control is None:
+                self._control = http.client.HTTPConnection(self.host, self.port, timeout=5)
+            try:
+                self._control.request(method, "/" + path)
+                return json.loads(self._control.getresponse().read())
+            except (OSError, http.client.HTTPException):
+                self._control.close()
+                self._control = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def stats(self) -> Stats:
         return Stats(**self._call("GET", "stats"))
@@ -303,6 +312,9 @@ class FakeEsp:
         self._call("POST", "reset")
 
     def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)

@@ -228,6 +228,10 @@ class SlowSMTP:
     def to(self, address: str) -> list[Received]:
         return [m for m in self.messages if address.lower() in (r.lower() for r in m.rcpt_tos)]
 
+    def worker_env(self) -> dict[str, str]:
+        """What a worker process needs to send here: ``start_worker(..., **env)``."""
+        return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "SMTP_SECURITY": "none"}
+
     @property
     def accepted_at(self) -> list[float]:
         """``time.monotonic()`` of each acceptance, in order."""
@@ -466,6 +470,17 @@ class FakeESP:
     def recipients(self) -> list[str]:
         """The To address of every message accepted (200), duplicates included."""
         return [r for call in self.calls if call.status == 200 for r in call.recipients]
+
+    def worker_env(self) -> dict[str, str]:
+        """What a worker process needs to send here: ``start_worker(..., **env)``.
+
+        SMTP_HOST is emptied: in project/settings.py it wins over MAILER_ESP."""
+        return {
+            "SMTP_HOST": "",
+            "MAILER_ESP": "postmark",
+            "ANYMAIL_POSTMARK_SERVER_TOKEN": self.token,
+            "ANYMAIL_POSTMARK_API_URL": self.url,
+        }
 
     def to(self, address: str) -> list[EspCall]:
         return [c for c in self.calls if address.lower() in (r.lower() for r in c.recipients)]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +15,7 @@ from anymail.exceptions import AnymailAPIError
 from anymail.message import AnymailMessage
 from django.core import mail
 
-from tests.conftest import tally
+from tests.conftest import REPO, tally
 
 DATA = b"Subject: hi\r\n\r\nHello.\r\n"
 
@@ -245,3 +249,32 @@ def test_fake_esp_keeps_connections_alive(fake_esp):
     connection.close()
     assert fake_esp.connections == 1
     assert len(fake_esp.calls) == 3
+
+
+def test_worker_env_makes_project_settings_send_to_the_fakes(slow_smtp, fake_esp):
+    """A worker process started with ``worker_env()`` sends where the fixture listens."""
+    script = (
+        "import json, django; from django.conf import settings; django.setup(); "
+        "print(json.dumps([settings.EMAIL_BACKEND, getattr(settings, 'EMAIL_PORT', None), "
+        "settings.ANYMAIL.get('POSTMARK_API_URL')]))"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MAILER_", "ANYMAIL_"))}
+    base.update(DJANGO_SETTINGS_MODULE="project.settings", SMTP_HOST="smtp.example.com")
+    seen = []
+    for fake in (slow_smtp, fake_esp):
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**base, **fake.worker_env()},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        seen.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    (smtp_backend, smtp_port, _), (esp_backend, _, esp_url) = seen
+    assert (smtp_backend, smtp_port) == (
+        "django.core.mail.backends.smtp.EmailBackend",
+        slow_smtp.port,
+    )
+    assert (esp_backend, esp_url) == ("anymail.backends.postmark.EmailBackend", fake_esp.url)

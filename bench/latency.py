@@ -529,6 +529,20 @@ class LatencyBench:
                 f"{off:+.1%} (target within ±{TARGET_RATE:.0%})  "
                 f"{verdict(abs(off) <= TARGET_RATE)}"
             )
+            unlimited = runs.get("smtp_pool" if args.rate_delay_ms == args.delay_ms else "")
+            if unlimited and unlimited.rate < args.rate:
+                say(
+                    f"  (without a limit the same set-up sent {unlimited.rate:,.0f} msg/s: "
+                    "the limit never bound)"
+                )
+        pooled = [r for key, r in runs.items() if key in ("smtp_pool", "esp_pool", "rate")]
+        for run in pooled:
+            if run.peak < run.connections * 2:
+                why = ": one a worker, no pool in use" if run.peak <= 2 else ""
+                say(
+                    f"  note: {run.label} reached {run.peak} connections (or calls) at once at "
+                    f"the server, of {run.connections} × 2 asked{why}"
+                )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -118,6 +118,8 @@ class LatencyBench:
         self.template = self.segment = None
         self.runs: dict[str, Run] = {}
         self.warnings: list[str] = []
+        self.shared: dict[str, float] = {}  # run → cores other processes used meanwhile
+        self.foreign: list[str] = []  # runs while PostgreSQL served other databases too
 
     # -- life -------------------------------------------------------------------------------
 
@@ -322,15 +324,9 @@ class LatencyBench:
         run.cpu_ms["everything else"] = others / counted * 1e3
         run.busy = cpu["machine"] / cpu["wall"]
         if others > 0.1 * cpu["machine"]:
-            self.warnings.append(
-                f"{key}: other processes used {others / cpu['wall']:.2f} cores: the machine "
-                "was shared, read the figures as pessimistic"
-            )
+            self.shared[key] = others / cpu["wall"]
         if cpu["foreign_backends"] > 1:  # one is this script's lock, on database "postgres"
-            self.warnings.append(
-                f"{key}: PostgreSQL also served other databases meanwhile: its CPU figure "
-                "includes their backends that exited"
-            )
+            self.foreign.append(key)
         campaigns.cancel(Campaign.objects.get(pk=campaign.pk))  # its rest never goes out
         self.report(run, server)
         self.runs[key] = run
@@ -491,6 +487,17 @@ class LatencyBench:
         args, runs = self.args, self.runs
         say("\n" + "=" * 78)
         say(f"PostgreSQL {DB_NAME}, Redis db {REDIS_DB}; per run above; targets:")
+        if self.shared:
+            cores = ", ".join(f"{key} {used:.2f}" for key, used in self.shared.items())
+            self.warnings.append(
+                f"other processes used CPU (cores) during {cores}: the machine was shared, "
+                "read those runs' figures as pessimistic"
+            )
+        if self.foreign:
+            self.warnings.append(
+                f"PostgreSQL also served other databases during {', '.join(self.foreign)}: "
+                "its CPU figure includes their backends that exited"
+            )
         for warning in self.warnings:
             say(f"WARNING: {warning}")
 

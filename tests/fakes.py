@@ -14,8 +14,8 @@ Registered as a pytest plugin by ``tests/conftest.py`` (``pytest_plugins``). Two
     A local HTTP server that answers Postmark's send API (``/email``, ``/email/batch``,
     ``/email/withTemplate``, ``/email/batchWithTemplates``) as anymail's Postmark backend
     expects, after ``latency`` seconds; can answer 429 with ``Retry-After`` (``throttle``)
-    or a 5xx (``fail``); records every call and every recipient, and the requests in
-    flight at once.
+    or a 5xx (``fail``), refuses inactive recipients (``inactive``: Postmark's 406); records
+    every call and every recipient, and the requests in flight at once.
 
 Both fixtures point this process's Django at the server, as the ``smtp`` fixture does.
 """
@@ -299,7 +299,8 @@ class EspCall:
     headers: dict[str, str]
     body: object  # the JSON it carried
     status: int = 0
-    recipients: list[str] = field(default_factory=list)  # addresses of its messages' To
+    recipients: list[str] = field(default_factory=list)  # To addresses it accepted
+    refused: list[str] = field(default_factory=list)  # To addresses it refused (inactive)
 
     @property
     def messages(self) -> list[dict]:
@@ -368,6 +369,7 @@ class FakeESP:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.thread: threading.Thread | None = None
         self._program: deque[tuple[int, dict, dict, list[int]]] = deque()
+        self._inactive: set[str] = set()
         self._calls: list[EspCall] = []
         self.connections = 0
         self.in_flight = 0
@@ -391,6 +393,7 @@ class FakeESP:
         with self.lock:
             self.latency = 0.0
             self._program.clear()
+            self._inactive.clear()
             self._calls.clear()
             self.connections = 0
             self.max_concurrent = self.in_flight
@@ -411,6 +414,12 @@ class FakeESP:
         with self.lock:
             self._program.append((status, body, headers, [times]))
 
+    def inactive(self, *addresses: str) -> None:
+        """Refuse these recipients as Postmark refuses an address that bounced hard or
+        complained (ErrorCode 406; HTTP 422 for /email, an entry of a batch's 200)."""
+        with self.lock:
+            self._inactive.update(a.lower() for a in addresses)
+
     def _answer(self, call: EspCall) -> tuple[int, object, dict[str, str]]:
         with self.lock:
             if self._program:
@@ -425,9 +434,25 @@ class FakeESP:
         if call.headers.get("X-Postmark-Server-Token") != self.token:
             return 401, {"ErrorCode": 10, "Message": "Bad or missing Server API token"}, {}
         answers = []
+        with self.lock:
+            inactive = set(self._inactive)
         for message in call.messages:
             to = message.get("To", "") if isinstance(message, dict) else ""
-            call.recipients += [address for _, address in getaddresses([to]) if address]
+            addresses = [address for _, address in getaddresses([to]) if address]
+            refused = [a.lower() for a in addresses if a.lower() in inactive]
+            if refused:
+                call.refused += refused
+                answers.append(
+                    {
+                        "ErrorCode": 406,
+                        "Message": "You tried to send to a recipient that has been marked as "
+                        f"inactive.\n Found inactive addresses: {', '.join(refused)}.\n "
+                        "Inactive recipients are ones that have generated a hard bounce or a "
+                        "spam complaint. ",
+                    }
+                )
+                continue
+            call.recipients += addresses
             answers.append(
                 {
                     "To": to,
@@ -440,7 +465,7 @@ class FakeESP:
         if kind == "single":
             if len(answers) != 1:
                 return 422, {"ErrorCode": 402, "Message": "Invalid JSON"}, {}
-            return 200, answers[0], {}
+            return (422 if answers[0]["ErrorCode"] else 200), answers[0], {}
         return 200, answers, {}
 
     # -- recording ------------------------------------------------------------------------
@@ -468,8 +493,8 @@ class FakeESP:
 
     @property
     def recipients(self) -> list[str]:
-        """The To address of every message accepted (200), duplicates included."""
-        return [r for call in self.calls if call.status == 200 for r in call.recipients]
+        """The To address of every message accepted, duplicates included."""
+        return [r for call in self.calls for r in call.recipients]
 
     def worker_env(self) -> dict[str, str]:
         """What a worker process needs to send here: ``start_worker(..., **env)``.
@@ -499,7 +524,8 @@ def fake_esp(fake_esp_server, settings):
     """The fake Postmark API, reset, with Django's EMAIL_BACKEND anymail's Postmark backend.
 
     ``fake_esp.latency = 0.1``; ``fake_esp.throttle(times=2, retry_after=2)``;
-    ``fake_esp.fail(503, times=1)``; then ``.calls``, ``.recipients``, ``.max_concurrent``.
+    ``fake_esp.fail(503, times=1)``; ``fake_esp.inactive("bounced@example.com")``; then
+    ``.calls``, ``.recipients``, ``.max_concurrent``, ``.connections``.
     """
     fake_esp_server.reset()
     settings.EMAIL_BACKEND = "anymail.backends.postmark.EmailBackend"

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from anymail.exceptions import AnymailAPIError
+from anymail.exceptions import AnymailAPIError, AnymailRecipientsRefused
 from anymail.message import AnymailMessage
 from django.core import mail
 
@@ -232,6 +232,22 @@ def test_fake_esp_latency_is_observed_and_concurrent_calls_counted(fake_esp):
     assert time.monotonic() - t0 < 0.6  # in parallel, not one after the other
     assert fake_esp.max_concurrent == 4
     assert len(fake_esp.recipients) == 4
+
+
+def test_fake_esp_refuses_an_inactive_recipient_alone_and_in_a_batch(fake_esp):
+    fake_esp.inactive("Bounced@example.com")
+    with pytest.raises(AnymailRecipientsRefused):
+        AnymailMessage("Hi", "Hello.", to=["bounced@example.com"]).send()
+    assert fake_esp.calls[0].status == 422
+
+    message = AnymailMessage("Hi", "Hello.", to=["bounced@example.com", "ok@example.com"])
+    message.merge_metadata = {}
+    message.send()
+    statuses = {r: s.status for r, s in message.anymail_status.recipients.items()}
+    assert statuses == {"bounced@example.com": "rejected", "ok@example.com": "sent"}
+    assert fake_esp.recipients == ["ok@example.com"]
+    assert fake_esp.calls[1].path == "/email/batch"
+    assert fake_esp.calls[1].refused == ["bounced@example.com"]
 
 
 def test_fake_esp_refuses_a_wrong_token(fake_esp, settings):

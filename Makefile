@@ -14,7 +14,7 @@ DEMO_PORT ?= 8000
 DEMO_ENV = DEBUG=1 WEB_CONCURRENCY=1 WORKER_CONCURRENCY=1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint fmt bench bench-campaign clean distclean
+.PHONY: help install demo test lint fmt bench bench-campaign bench-latency clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS=...]"
@@ -60,6 +60,12 @@ bench: install ## Run the transactional benchmark against real services
 
 bench-campaign: install ## Run the campaign benchmark (100k contacts) against real services
 	bash tests/services.sh run -- $(BIN)/python bench/campaign.py
+
+# Extra arguments for bench/latency.py, e.g. `make bench-latency LATENCY_ARGS="--phases smtp"`.
+LATENCY_ARGS ?=
+
+bench-latency: install ## Sending with a relay 10 ms / an ESP 100 ms away, and the rate limit
+	bash tests/services.sh run -- $(BIN)/python bench/latency.py $(LATENCY_ARGS)
 
 lint: install ## ruff check + ruff format --check
 	$(BIN)/ruff check .

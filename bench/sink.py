@@ -8,14 +8,20 @@ costs far less per message than aiosmtpd (about 0.1 ms of CPU for a 10 KB messag
 Run it in its own process so it never competes for the benchmark's GIL::
 
     python bench/sink.py --port 0          # prints "READY <port>" once listening
+    python bench/sink.py --delay-ms 10     # every reply 10 ms late: a relay 10 ms away
 
 Two extra commands, on any connection, serve the benchmark (one line reply each)::
 
-    XSTATS   ->  250 messages=<n> bytes=<n> connections=<n> cpu=<seconds>
+    XSTATS   ->  250 messages=<n> bytes=<n> connections=<n> cpu=<seconds> open=<n> peak=<n>
     XRESET   ->  250 reset          (zeroes messages, bytes, connections; not cpu)
 
-``cpu`` is this process's user + system CPU time since it started. From Python,
-``Sink`` starts and stops the process and reads the counters.
+``cpu`` is this process's user + system CPU time since it started; ``open`` is the
+connections open now (the asking one included), ``peak`` the most open at once since the
+start or the last XRESET. With ``--delay-ms N`` every reply (the greeting too) is written
+N ms after the command that it answers arrived, in order, so a client that waits for each
+reply, as smtplib does, sees a server N ms away; a connection that has sent XSTATS or XRESET
+gets its replies at once. From Python, ``Sink`` starts and stops the process and reads the
+counters.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,19 +56,20 @@ REPLIES = {
 
 
 class Counters:
-    __slots__ = ("messages", "bytes", "connections")
+    __slots__ = ("messages", "bytes", "connections", "open", "peak")
 
     def __init__(self) -> None:
-        self.messages = self.bytes = self.connections = 0
+        self.messages = self.bytes = self.connections = self.open = self.peak = 0
 
 
 COUNTERS = Counters()
+DELAY = 0.0  # seconds before each reply goes out (--delay-ms)
 
 
 class SinkProtocol(asyncio.Protocol):
     """One SMTP session: command lines until DATA, then raw bytes until CRLF.CRLF."""
 
-    __slots__ = ("transport", "buffer", "in_data", "tail", "size")
+    __slots__ = ("transport", "buffer", "in_data", "tail", "size", "pending", "timer", "control")
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -69,8 +77,41 @@ class SinkProtocol(asyncio.Protocol):
         self.in_data = False
         self.tail = b""  # the last 4 bytes of message data seen, to find END across reads
         self.size = 0
+        self.pending: deque[tuple[float, bytes, bool]] = deque()  # delayed replies, in order
+        self.timer: asyncio.TimerHandle | None = None
+        self.control = False  # a benchmark's XSTATS connection: never delayed
         COUNTERS.connections += 1
-        transport.write(b"220 sink.bench ESMTP ready\r\n")
+        COUNTERS.open += 1
+        COUNTERS.peak = max(COUNTERS.peak, COUNTERS.open)
+        self._reply(b"220 sink.bench ESMTP ready\r\n")
+
+    def _reply(self, data: bytes, close: bool = False) -> None:
+        """Write ``data`` now, or DELAY seconds from now after the replies already waiting."""
+        if DELAY <= 0 or (self.control and not self.pending):
+            self.transport.write(data)
+            if close:
+                self.transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        self.pending.append((loop.time() + DELAY, data, close))
+        if self.timer is None:
+            self.timer = loop.call_at(self.pending[0][0], self._flush)
+
+    def _flush(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            self.pending.clear()
+            return
+        now = asyncio.get_running_loop().time()
+        while self.pending and self.pending[0][0] <= now:
+            _, data, close = self.pending.popleft()
+            self.transport.write(data)
+            if close:
+                self.transport.close()
+                self.pending.clear()
+                return
+        if self.pending:
+            self.timer = asyncio.get_running_loop().call_at(self.pending[0][0], self._flush)
 
     def data_received(self, data: bytes) -> None:
         out: list[bytes] = []
@@ -81,8 +122,8 @@ class SinkProtocol(asyncio.Protocol):
                 data = self._commands(data, out)
                 if data is None:
                     break
-        if out:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if out and self.transport is not None:
+            self._reply(b"".join(out) if len(out) > 1 else out[0])
 
     def _message_data(self, data: bytes, out: list[bytes]) -> bytes:
         """Consume message bytes; return what follows the end of the message, if any."""
@@ -129,24 +170,31 @@ class SinkProtocol(asyncio.Protocol):
                 return buffer[start:]
             elif verb == b"QUIT":
                 out.append(b"221 Bye\r\n")
-                self.transport.write(b"".join(out))
+                self._reply(b"".join(out), close=True)
                 out.clear()
-                self.transport.close()
                 self.buffer = b""
                 return None
             elif verb == b"XSTA":
+                self.control = True
                 cpu = time.process_time()
                 out.append(
                     f"250 messages={COUNTERS.messages} bytes={COUNTERS.bytes} "
-                    f"connections={COUNTERS.connections} cpu={cpu:.6f}\r\n".encode()
+                    f"connections={COUNTERS.connections} cpu={cpu:.6f} "
+                    f"open={COUNTERS.open} peak={COUNTERS.peak}\r\n".encode()
                 )
             elif verb == b"XRES":
+                self.control = True
                 COUNTERS.messages = COUNTERS.bytes = COUNTERS.connections = 0
+                COUNTERS.peak = COUNTERS.open
                 out.append(b"250 reset\r\n")
             else:
                 out.append(b"502 Command not implemented\r\n")
 
     def connection_lost(self, exc) -> None:
+        COUNTERS.open -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.transport = None
 
 
@@ -171,7 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="write every reply this much later"
+    )
     args = parser.parse_args(argv)
+    global DELAY
+    DELAY = max(0.0, args.delay_ms) / 1000
     gc.disable()  # nothing here makes cycles; spare the collector's pauses
     asyncio.run(serve(args.host, args.port))
 
@@ -185,13 +238,15 @@ class Stats:
     bytes: int
     connections: int
     cpu: float  # seconds of CPU the sink process has used since it started
+    open: int = 0  # connections open now, the one that asked included
+    peak: int = 0  # the most connections open at once since the start or the last reset
 
 
 class Sink:
     """A sink in a child process: ``start()``, ``stats()``, ``reset()``, ``stop()``."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1"):
-        self.host, self.port = host, port
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", delay_ms: float = 0.0):
+        self.host, self.port, self.delay_ms = host, port, delay_ms
         self.process: subprocess.Popen | None = None
         self._control: socket.socket | None = None
         self._reader = None
@@ -199,7 +254,7 @@ class Sink:
     def start(self, timeout: float = 10.0) -> Sink:
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--host", self.host]
-            + ["--port", str(self.port)],
+            + ["--port", str(self.port), "--delay-ms", str(self.delay_ms)],
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,  # Ctrl-C reaches the benchmark, which stops us
@@ -228,6 +283,8 @@ class Sink:
             bytes=int(fields["bytes"]),
             connections=int(fields["connections"]),
             cpu=float(fields["cpu"]),
+            open=int(fields.get("open", 0)),
+            peak=int(fields.get("peak", 0)),
         )
 
     def reset(self) -> None:

@@ -28,6 +28,8 @@ import redis
 from aiosmtpd.controller import Controller
 from django.db import connection
 
+pytest_plugins = ["tests.fakes"]  # slow_smtp, fake_esp
+
 REPO = Path(__file__).resolve().parent.parent
 FROM_EMAIL = "noreply@mailer.test"
 FROM_NAME = "Mailer Tests"

@@ -16,12 +16,12 @@ import pytest
 from django.core import mail
 from django.core.management import CommandError, call_command
 
-from mailer import campaigns, delivery, dkimsign
+from mailer import api, campaigns, delivery, dkimsign
 from mailer.backends import SMTPBackend
 from mailer.checks import check_dkim, check_settings
 from mailer.mime import PreparedEmail
 from mailer.models import Campaign, Contact, Kind, MessageStatus
-from tests.conftest import FROM_EMAIL, assert_well_formed
+from tests.conftest import FROM_EMAIL, assert_well_formed, wait_for
 from tests.factories import MessageFactory, everyone_segment, marketing_template
 
 pytestmark = pytest.mark.django_db
@@ -547,3 +547,32 @@ def test_the_command_without_a_selector_says_what_to_set(settings):
 
     with pytest.raises(CommandError, match="MAILER_DKIM_SELECTOR"):
         printed_record()
+
+
+# --- A real worker, configured from the environment as in production ---------------------
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_signs_with_the_key_from_its_environment(
+    broker, smtp, start_worker, private_pem, settings
+):
+    """project/settings.py reads MAILER_DKIM_* (the PEM with its line breaks as \\n)."""
+    worker = start_worker(
+        "dkim",
+        "transactional",
+        MAILER_DKIM_DOMAIN=DOMAIN,
+        MAILER_DKIM_SELECTOR=SELECTOR,
+        MAILER_DKIM_PRIVATE_KEY=private_pem.decode().replace("\n", "\\n"),
+    )
+    try:
+        api.send("welcome", to="env@example.com", context={"user_name": "Env"})
+        (received,) = wait_for(
+            lambda: smtp.to("env@example.com"), message="the worker sent nothing"
+        )
+    finally:
+        worker.stop()
+
+    dkim_settings(settings, DKIM_PRIVATE_KEY=private_pem.decode())
+    assert verifies(received.data, dns_from_command())
+    assert key_body(private_pem) not in worker.log()

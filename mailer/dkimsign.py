@@ -21,10 +21,11 @@ from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 from . import conf
 from .exceptions import MailerConfigurationError
 
-#: Headers signed once more than the email has them (RFC 6376 §8.15): a copy added in
-#: transit then breaks the signature instead of changing what the reader is shown. These
-#: are the ones a mail client displays; Date, Message-ID and the MIME headers are not
-#: over-signed, so a relay that adds a missing one does not break the signature for it.
+#: Headers signed once more than the email has them (RFC 6376 §8.15). A verifier takes
+#: each header from the bottom up, so without this anyone relaying a signed email could
+#: add a second From or Subject above ours, which many clients show, and the signature
+#: would still pass. These are the headers a reader sees and acts on (the set rspamd
+#: over-signs by default when present); the others are signed once.
 OVERSIGNED = frozenset({b"from", b"to", b"cc", b"reply-to", b"subject"})
 
 #: Keys shorter than this are ignored by receivers (RFC 8301); 2048 bits is the norm.

@@ -340,7 +340,7 @@ def test_a_key_that_cannot_be_loaded_makes_mail_wait_not_go_unsigned(
     message.refresh_from_db()
     assert message.status == MessageStatus.QUEUED
     assert message.attempts == 0
-    assert "DKIM" in message.last_error
+    assert message.last_error.startswith("Waiting: DKIM:")
     assert "missing.pem" in message.last_error
 
 

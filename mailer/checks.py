@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from django.core import checks
 
-from . import conf
+from . import conf, dkimsign
 from .exceptions import MailerConfigurationError
+
+_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*)(?:\.[A-Za-z0-9_-]+)*$")
+SMTP_BACKENDS = ("django.core.mail.backends.smtp.EmailBackend", "mailer.backends.SMTPBackend")
 
 
 def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
@@ -80,7 +85,7 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                     f"MAILER['CONNECTIONS'][{queue!r}] is {value!r}: it must be a whole "
                     f"number from 1 to {conf.MAX_CONNECTIONS}.",
                     hint="Set MAILER_CAMPAIGN_CONNECTIONS / MAILER_TRANSACTIONAL_CONNECTIONS.",
-                    id="mailer.E010",
+                    id="mailer.E009",
                 )
             )
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
@@ -90,6 +95,80 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 "marketing email must carry a postal address (CAN-SPAM).",
                 hint="Set MAILER_POSTAL_ADDRESS.",
                 id="mailer.W001",
+            )
+        )
+    errors.extend(check_dkim())
+    return errors
+
+
+def check_dkim() -> list[checks.CheckMessage]:
+    """DKIM settings that would make every email wait (mailer.E008), or sign for a domain
+    that receivers will not align with the From address."""
+    domain, selector = conf.get("DKIM_DOMAIN"), conf.get("DKIM_SELECTOR")
+    has_key = bool(conf.get("DKIM_PRIVATE_KEY") or conf.get("DKIM_PRIVATE_KEY_FILE"))
+    if not domain and not selector:
+        if not has_key:
+            return []
+        return [
+            checks.Error(
+                "A DKIM private key is set but MAILER['DKIM_DOMAIN'] and "
+                "MAILER['DKIM_SELECTOR'] are not, so nothing is signed.",
+                hint="Set MAILER_DKIM_DOMAIN and MAILER_DKIM_SELECTOR, or unset the key.",
+                id="mailer.E008",
+            )
+        ]
+    if not domain or not selector:
+        missing = "DKIM_SELECTOR" if domain else "DKIM_DOMAIN"
+        return [
+            checks.Error(
+                f"MAILER['DKIM_DOMAIN'] and MAILER['DKIM_SELECTOR'] go together; "
+                f"MAILER['{missing}'] is not set.",
+                hint="Set both (MAILER_DKIM_DOMAIN, MAILER_DKIM_SELECTOR), or neither to "
+                "send unsigned.",
+                id="mailer.E008",
+            )
+        ]
+    errors: list[checks.CheckMessage] = []
+    if not _SELECTOR.match(selector):
+        errors.append(
+            checks.Error(
+                f"MAILER['DKIM_SELECTOR'] {selector!r} is not a DNS label (letters, digits, "
+                "'-' and '_').",
+                id="mailer.E008",
+            )
+        )
+    sender = conf.from_address()
+    sender_domain = sender.rpartition("@")[2]
+    if not dkimsign.aligned(domain, sender_domain):
+        errors.append(
+            checks.Error(
+                f"MAILER['DKIM_DOMAIN'] {domain!r} is neither the sender's domain "
+                f"({sender_domain!r}, from {sender!r}) nor a parent of it: receivers would "
+                "not align the signature with the From address, and DMARC fails.",
+                hint="Set MAILER_DKIM_DOMAIN to the domain of SMTP_FROM_EMAIL (or a parent "
+                "of it), or send from an address in the DKIM domain.",
+                id="mailer.E008",
+            )
+        )
+    if not any(name.strip().lower() == "from" for name in conf.get("DKIM_HEADERS")):
+        errors.append(checks.Error("MAILER['DKIM_HEADERS'] must include From.", id="mailer.E008"))
+    try:
+        dkimsign.configured_key()
+    except MailerConfigurationError as exc:
+        errors.append(
+            checks.Error(
+                str(exc),
+                hint="Until it is fixed, mail waits in the queue rather than go out unsigned.",
+                id="mailer.E008",
+            )
+        )
+    if conf.email_backend() not in SMTP_BACKENDS:
+        errors.append(
+            checks.Warning(
+                f"MAILER['DKIM_DOMAIN'] is set but EMAIL_BACKEND is {conf.email_backend()!r}: "
+                "mailer signs only what it sends over SMTP.",
+                hint="An ESP signs with keys you set up at the ESP; unset MAILER_DKIM_DOMAIN.",
+                id="mailer.W002",
             )
         )
     return errors

@@ -128,6 +128,30 @@ DEFAULTS: dict[str, Any] = {
     "POSTAL_ADDRESS": "",
     # A/B: fewer trials than this in any arm means too little data for a winner.
     "AB_MIN_SAMPLE": 30,
+    # DKIM signing on the SMTP path (mailer.dkimsign). DKIM_DOMAIN None: nothing is signed.
+    # The domain must be the sender's domain or a parent of it (checked, mailer.E008).
+    "DKIM_DOMAIN": None,
+    "DKIM_SELECTOR": None,
+    # The private key (PEM, RSA) as text, e.g. from the environment, or a file holding it:
+    # set one of the two. Read and checked once per process; rotate by restarting workers.
+    "DKIM_PRIVATE_KEY": None,
+    "DKIM_PRIVATE_KEY_FILE": None,
+    # Headers signed when the email has them; From, To, Cc, Reply-To and Subject are also
+    # signed once more than present, so nobody can add a second one (see dkimsign).
+    "DKIM_HEADERS": [
+        "From",
+        "To",
+        "Cc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+    ],
     # Reputation guard: pause marketing when rolling rates pass these.
     "REPUTATION": {
         "BOUNCE_RATE": 0.05,

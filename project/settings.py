@@ -190,6 +190,12 @@ MAILER = {
     "RETRY_BACKOFF_MAX": env.float("MAILER_RETRY_BACKOFF_MAX", default=3600.0),
     "SENDING_LEASE": env.float("MAILER_SENDING_LEASE", default=30.0),
     "STUCK_POLICY": env.str("MAILER_STUCK_POLICY", default="retry"),
+    # DKIM on the SMTP path: domain and selector together, and one of the two keys (the
+    # PEM in the environment may carry its line breaks as \n).
+    "DKIM_DOMAIN": env.str("MAILER_DKIM_DOMAIN", default="") or None,
+    "DKIM_SELECTOR": env.str("MAILER_DKIM_SELECTOR", default="") or None,
+    "DKIM_PRIVATE_KEY": env.str("MAILER_DKIM_PRIVATE_KEY", default="", multiline=True) or None,
+    "DKIM_PRIVATE_KEY_FILE": env.str("MAILER_DKIM_PRIVATE_KEY_FILE", default="") or None,
 }
 
 # --- The rest ---------------------------------------------------------------------------

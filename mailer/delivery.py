@@ -211,7 +211,8 @@ class Limiter:
         self.queue, self.db = queue, db or Database()
         self.rate = speed.rate(conf.rate_limit(queue))
         self.step = ratelimit.chunk_size(queue, batch)
-        self.quota_step = quota.chunk_size(queue, batch)  # None: no quota applies
+        # None: no quota applies. Warm-up schedules are rows: read where the database is.
+        self.quota_step = self.db.call(quota.chunk_size, queue, batch)
         self.left = batch  # sends this batch may still ask for
         self.reserved = 0
         self.held: quota.Grant | None = None

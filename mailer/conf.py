@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     # Connections to the server (or concurrent API calls) each worker process sends
     # over, per queue: the waiting for a distant server overlaps.
     "CONNECTIONS": {"transactional": 1, "campaign": 1},
+    # Emails sent over one connection before it is closed and opened again.
+    "MESSAGES_PER_CONNECTION": 100,
     # After a "slow down" (SMTP 421 / 4.7.x, ESP 429): how long the emails concerned wait
     # when the server gives no Retry-After, and how often a tenth of the speed comes back.
     "THROTTLE_WAIT": 30,

@@ -207,12 +207,12 @@ class Limiter:
         batch: int,
         db: Database | None = None,
         speed: throttle.Speed = throttle.FULL,
+        quota_step: int | None = None,
     ):
         self.queue, self.db = queue, db or Database()
         self.rate = speed.rate(conf.rate_limit(queue))
         self.step = ratelimit.chunk_size(queue, batch)
-        # None: no quota applies. Warm-up schedules are rows: read where the database is.
-        self.quota_step = self.db.call(quota.chunk_size, queue, batch)
+        self.quota_step = quota_step  # None: no quota applies
         self.left = batch  # sends this batch may still ask for
         self.reserved = 0
         self.held: quota.Grant | None = None
@@ -271,14 +271,50 @@ class Limiter:
 
 
 def batch_size(queue: Queue, lanes: int = 1) -> int:
-    """A lane's share of BATCH_SIZE (at least 10, so a claim is not paid per email), and
+    """A lane's share of BATCH_SIZE (at least 25, so a claim is not paid per email), and
     fewer: all lanes together never hold more claims than about five seconds of the rate.
     """
     size = int(conf.get("BATCH_SIZE"))
     if lanes > 1:
-        size = max(size // lanes, min(10, size))
+        size = max(size // lanes, min(25, size))
     rate = conf.rate_limit(queue)
     return size if rate is None else max(1, min(size, int(rate * 5 / lanes)))
+
+
+class Shared:
+    """What the lanes of one drain share: the database thread, the lease renewer, a
+    connection to the server per lane, and the queue's state (its speed after a server
+    asked us to slow down, its quota chunk), read at most once a second."""
+
+    def __init__(self, queue: Queue, *, pooled: bool = False):
+        self.queue = queue
+        self.db = Database(shared=pooled)
+        self.leases = Leases()
+        self.links = compose.LinkCache(self.db if pooled else None)
+        self._speed: tuple[float, throttle.Speed] = (-1.0, throttle.FULL)
+        self._quota: dict[int, tuple[float, int | None]] = {}
+
+    def speed(self) -> throttle.Speed:
+        read_at, speed = self._speed
+        if time.monotonic() - read_at > STATE_CHECK_SECONDS:
+            speed = self.db(throttle.speed, self.queue)
+            self._speed = (time.monotonic(), speed)
+        return speed
+
+    def quota_step(self, batch: int) -> int | None:
+        """How many sends to reserve at once from the quotas (None: no quota applies).
+        Warm-up schedules are rows: read where the database work runs."""
+        read_at, step = self._quota.get(batch, (-1.0, None))
+        if time.monotonic() - read_at > STATE_CHECK_SECONDS:
+            step = self.db.call(quota.chunk_size, self.queue, batch)
+            self._quota[batch] = (time.monotonic(), step)
+        return step
+
+    def close(self) -> None:
+        self.leases.close()
+        self.db.close()
+        if not self.db.shared:
+            outbox.close_notes()
 
 
 def drain(queue: str = Queue.TRANSACTIONAL) -> int:
@@ -294,17 +330,14 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
     # visible to another connection: one lane, on this one.
     lanes = 1 if db_connection.in_atomic_block else conf.connections(queue)
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
-    db, leases = Database(shared=lanes > 1), Leases()
+    shared = Shared(queue, pooled=lanes > 1)
     try:
         if lanes == 1:
-            total, more = _lane(queue, db, leases, deadline, batch_size(queue), 0, 1)
+            total, more = _lane(shared, deadline, batch_size(queue), 0, 1)
         else:
-            total, more = _pool(queue, lanes, db, leases, deadline)
+            total, more = _pool(shared, lanes, deadline)
     finally:
-        leases.close()
-        db.close()
-        if not db.shared:
-            outbox.close_notes()
+        shared.close()
     if more is not None:
         # Hand over to a fresh task; on shutdown a few seconds later, to another worker,
         # so a process told to stop never spins on its own wake-ups.
@@ -312,13 +345,10 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
     return total
 
 
-def _pool(queue: Queue, lanes: int, db: Database, leases: Leases, deadline: float):
-    size = batch_size(queue, lanes)
-    with ThreadPoolExecutor(lanes, thread_name_prefix=f"mailer-{queue}") as pool:
-        futures = [
-            pool.submit(_lane, queue, db, leases, deadline, size, lane, lanes)
-            for lane in range(lanes)
-        ]
+def _pool(shared: Shared, lanes: int, deadline: float):
+    size = batch_size(shared.queue, lanes)
+    with ThreadPoolExecutor(lanes, thread_name_prefix=f"mailer-{shared.queue}") as pool:
+        futures = [pool.submit(_lane, shared, deadline, size, lane, lanes) for lane in range(lanes)]
     outcomes = [future.result() for future in futures]  # a lane's error goes up here
     total = sum(sent for sent, _ in outcomes)
     waits = [more for _, more in outcomes if more is not None]
@@ -326,37 +356,37 @@ def _pool(queue: Queue, lanes: int, db: Database, leases: Leases, deadline: floa
 
 
 def _lane(
-    queue: Queue,
-    db: Database,
-    leases: Leases,
-    deadline: float,
-    size: int,
-    lane: int,
-    lanes: int,
+    shared: Shared, deadline: float, size: int, lane: int, lanes: int
 ) -> tuple[int, float | None]:
-    """Claim and send batches until the queue is empty, the deadline or a stop.
+    """Claim and send batches until the queue is empty, the deadline or a stop, over a
+    connection of its own.
 
     Returns how many were sent and when the queue should be looked at again (None: it
     is empty, or this lane is idle while the queue is throttled; 0: at once).
     """
-    total = 0
-    while not stopping() and time.monotonic() < deadline:
-        if lane and lane >= db(throttle.speed, queue).connections(lanes):
-            return total, None  # the server asked us to slow down: fewer connections
-        if lane == 0:
-            dispatch.clear_kick(queue)
-        token = uuid.uuid4()
-        batch = db(outbox.claim, queue, size, token)
-        if not batch:
-            return total, None
-        if len(batch) == size and lane == 0:
-            dispatch.kick(queue)  # more is waiting: let an idle worker process share it
-        result = send_batch(batch, queue, token=token, deadline=deadline, db=db, leases=leases)
-        total += result.sent
-        if result.wait:
-            # The server is unreachable: the batch waits, and so does this lane.
-            return total, result.wait
-    return total, (5 if stopping() else 0)
+    queue, total, sender = shared.queue, 0, transport.Sender()
+    try:
+        while not stopping() and time.monotonic() < deadline:
+            if lane and lane >= shared.speed().connections(lanes):
+                return total, None  # the server asked us to slow down: fewer connections
+            if lane == 0:
+                dispatch.clear_kick(queue)
+            token = uuid.uuid4()
+            batch = shared.db(outbox.claim, queue, size, token)
+            if not batch:
+                return total, None
+            if len(batch) == size and lane == 0:
+                dispatch.kick(queue)  # more is waiting: let an idle worker process share it
+            result = send_batch(
+                batch, queue, token=token, deadline=deadline, shared=shared, sender=sender
+            )
+            total += result.sent
+            if result.wait:
+                # The server is unreachable: the batch waits, and so does this lane.
+                return total, result.wait
+        return total, (5 if stopping() else 0)
+    finally:
+        sender.close()
 
 
 # --- Sending one batch --------------------------------------------------------------------
@@ -399,8 +429,8 @@ def send_batch(
     *,
     token: uuid.UUID | None = None,
     deadline: float | None = None,
-    db: Database | None = None,
-    leases: Leases | None = None,
+    shared: Shared | None = None,
+    sender: transport.Sender | None = None,
 ) -> BatchResult:
     """Send messages claimed under ``token``, noting each outcome before the next email.
 
@@ -414,18 +444,21 @@ def send_batch(
     result = BatchResult()
     if not messages:
         return result
-    if leases is None:  # a batch sent on its own
-        leases = Leases()
+    if shared is None or sender is None:  # a batch sent on its own
+        own, sender = shared is None, sender or transport.Sender()
+        shared = shared or Shared(queue)
         try:
-            return send_batch(messages, queue, token=token, deadline=deadline, db=db, leases=leases)
+            return send_batch(
+                messages, queue, token=token, deadline=deadline, shared=shared, sender=sender
+            )
         finally:
-            leases.close()
-    db = db or Database()
+            sender.close()
+            if own:
+                shared.close()
+    db, leases, link_cache = shared.db, shared.leases, shared.links
     blocked = db(suppressed_addresses, [m.to_email for m in messages], queue)
     templates = compose.Templates()
-    sender = transport.Sender()
-    limiter = Limiter(queue, len(messages), db, db(throttle.speed, queue))
-    link_cache = compose.LinkCache(db if db.shared else None)
+    limiter = Limiter(queue, len(messages), db, shared.speed(), shared.quota_step(len(messages)))
     stopped = db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
     checked = time.monotonic()
     batch = outbox.Batch(token=token)
@@ -500,7 +533,6 @@ def send_batch(
                 pending = (outbox.Sent(message, provider_id(email)), timezone.now())
                 result.sent += 1
         finally:
-            sender.close()
             if pending is not None:
                 batch.sent.append(pending)
             result.released += db(

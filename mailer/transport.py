@@ -156,16 +156,21 @@ def open_backend():
 
 
 class Sender:
-    """One backend connection for a batch; reopened after the server drops it.
+    """One backend connection for a lane of a drain; reopened after the server drops it,
+    and after MESSAGES_PER_CONNECTION emails (servers limit them; a reply refusing more
+    would read as a request to slow down).
 
     A failure to open raises ``ServiceUnavailable``: the caller hands the batch back.
     """
 
     def __init__(self):
         self.connection = None
+        self.sent = 0  # on this connection
 
     def open(self) -> None:
         """Connect if not connected; an unreachable server raises ServiceUnavailable."""
+        if self.connection is not None and self.sent >= int(conf.get("MESSAGES_PER_CONNECTION")):
+            self.close()
         if self.connection is None:
             connection = open_backend()
             try:
@@ -175,12 +180,13 @@ class Sender:
                 if not isinstance(error, ServiceUnavailable):
                     error = ServiceUnavailable(str(error))
                 raise error from exc
-            self.connection = connection
+            self.connection, self.sent = connection, 0
 
     def send(self, email: PreparedEmail) -> None:
         self.open()
         email.connection = self.connection
         try:
+            self.sent += 1
             if not self.connection.send_messages([email]):
                 raise TransientSendError("The backend accepted nothing.")
         except Exception as exc:

@@ -207,3 +207,21 @@ def test_campaign_mail_goes_through_the_pool_with_its_links(smtp, broker, settin
         parsed = received.parsed()
         assert parsed["List-Unsubscribe"]
         assert "/mailer/t/c/" in parsed.get_body(("html",)).get_content()
+
+
+@pytest.mark.parametrize(("per_connection", "connections"), [(100, 1), (3, 3)])
+def test_a_lane_keeps_its_connection_across_batches_up_to_a_number_of_emails(
+    slow_smtp, broker, settings, per_connection, connections
+):
+    settings.MAILER = {
+        **settings.MAILER,
+        "BATCH_SIZE": 2,
+        "MESSAGES_PER_CONNECTION": per_connection,
+    }
+    for n in range(7):
+        MessageFactory(to_email=f"k{n}@example.com")
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 7
+
+    assert slow_smtp.connections == connections
+    assert len(slow_smtp.messages) == 7

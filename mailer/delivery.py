@@ -15,10 +15,11 @@ import math
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from queue import Empty, SimpleQueue
 
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError
@@ -169,11 +170,51 @@ class Database:
     def __init__(self, *, shared: bool = False):
         self.shared = shared
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mailer-db") if shared else None
+        self._notes: SimpleQueue = SimpleQueue()
 
     def __call__(self, action, *args, **kwargs):
         if self._executor is None:
             return with_database(action, *args, **kwargs)
         return self._executor.submit(with_database, action, *args, **kwargs).result()
+
+    def note(self, message: Message, token: uuid.UUID, done: outbox.Sent | None):
+        """The claim note for an email: sent ahead on one lane; in a pool, written when
+        read, together with whatever notes the other lanes are waiting for."""
+        if self._executor is None:
+            return with_database(outbox.Note, message, token, done)
+        return _GroupNote(self, message, token, done)
+
+    def read(self, note) -> bool:
+        """Whether the noted email may go (see outbox.try_next)."""
+        if self._executor is None:
+            return with_database(note.result)
+        return note.result()
+
+    def _wait_for_group(self, note: _GroupNote) -> bool:
+        answer: Future = Future()
+        self._notes.put((note, answer))
+        self._executor.submit(self._write_notes)
+        return answer.result()
+
+    def _write_notes(self) -> None:
+        waiting = []
+        while True:
+            try:
+                waiting.append(self._notes.get_nowait())
+            except Empty:
+                break
+        if not waiting:
+            return  # an earlier run wrote them
+        try:
+            answers = with_database(
+                outbox.try_many, [(n.message, n.token, n.done) for n, _ in waiting]
+            )
+        except Exception as exc:  # noqa: BLE001 - each lane gets the error as its own
+            for _, answer in waiting:
+                answer.set_exception(exc)
+            return
+        for (_, answer), tried in zip(waiting, answers, strict=True):
+            answer.set_result(tried)
 
     def call(self, action, *args, **kwargs):
         """Run where the database work runs, without waiting out a database outage."""
@@ -185,6 +226,19 @@ class Database:
         if self._executor is not None:
             self._executor.submit(_close_connections).result()
             self._executor.shutdown()
+
+
+class _GroupNote:
+    """A pool lane's claim note, written with the other lanes' in one statement."""
+
+    def __init__(self, db: Database, message: Message, token: uuid.UUID, done):
+        self.db, self.message, self.token, self.done = db, message, token, done
+        self._tried: bool | None = None
+
+    def result(self) -> bool:
+        if self._tried is None:
+            self._tried = self.db._wait_for_group(self)
+        return self._tried
 
 
 def _close_connections() -> None:
@@ -208,10 +262,13 @@ class Limiter:
         db: Database | None = None,
         speed: throttle.Speed = throttle.FULL,
         quota_step: int | None = None,
+        lanes: int = 1,
     ):
         self.queue, self.db = queue, db or Database()
         self.rate = speed.rate(conf.rate_limit(queue))
-        self.step = ratelimit.chunk_size(queue, batch)
+        # A pool's lanes reserve a share each: tokens a lane holds while it waits are
+        # lost to the rate if the drain ends first.
+        self.step = max(1, ratelimit.chunk_size(queue, batch) // lanes)
         self.quota_step = quota_step  # None: no quota applies
         self.left = batch  # sends this batch may still ask for
         self.reserved = 0
@@ -271,14 +328,16 @@ class Limiter:
 
 
 def batch_size(queue: Queue, lanes: int = 1) -> int:
-    """A lane's share of BATCH_SIZE (at least 25, so a claim is not paid per email), and
-    fewer: all lanes together never hold more claims than about five seconds of the rate.
-    """
+    """BATCH_SIZE, or fewer: all lanes together never hold more claims than about five
+    seconds of the rate."""
     size = int(conf.get("BATCH_SIZE"))
-    if lanes > 1:
-        size = max(size // lanes, min(25, size))
     rate = conf.rate_limit(queue)
     return size if rate is None else max(1, min(size, int(rate * 5 / lanes)))
+
+
+#: A pool's lanes claim this many at first, twice as many while claims come back full:
+#: a few due emails spread over the lanes, a big campaign pays a claim per BATCH_SIZE.
+FIRST_CLAIM = 10
 
 
 class Shared:
@@ -286,8 +345,9 @@ class Shared:
     connection to the server per lane, and the queue's state (its speed after a server
     asked us to slow down, its quota chunk), read at most once a second."""
 
-    def __init__(self, queue: Queue, *, pooled: bool = False):
-        self.queue = queue
+    def __init__(self, queue: Queue, *, lanes: int = 1):
+        self.queue, self.lanes = queue, lanes
+        pooled = lanes > 1
         self.db = Database(shared=pooled)
         self.leases = Leases()
         self.links = compose.LinkCache(self.db if pooled else None)
@@ -330,7 +390,7 @@ def drain(queue: str = Queue.TRANSACTIONAL) -> int:
     # visible to another connection: one lane, on this one.
     lanes = 1 if db_connection.in_atomic_block else conf.connections(queue)
     deadline = time.monotonic() + float(conf.get("DRAIN_SECONDS"))
-    shared = Shared(queue, pooled=lanes > 1)
+    shared = Shared(queue, lanes=lanes)
     try:
         if lanes == 1:
             total, more = _lane(shared, deadline, batch_size(queue), 0, 1)
@@ -365,6 +425,7 @@ def _lane(
     is empty, or this lane is idle while the queue is throttled; 0: at once).
     """
     queue, total, sender = shared.queue, 0, transport.Sender()
+    claim = size if lanes == 1 else min(size, FIRST_CLAIM)
     try:
         while not stopping() and time.monotonic() < deadline:
             if lane and lane >= shared.speed().connections(lanes):
@@ -372,11 +433,13 @@ def _lane(
             if lane == 0:
                 dispatch.clear_kick(queue)
             token = uuid.uuid4()
-            batch = shared.db(outbox.claim, queue, size, token)
+            batch = shared.db(outbox.claim, queue, claim, token)
             if not batch:
                 return total, None
-            if len(batch) == size and lane == 0:
-                dispatch.kick(queue)  # more is waiting: let an idle worker process share it
+            if len(batch) == claim:
+                if lane == 0:
+                    dispatch.kick(queue)  # more is waiting: an idle worker process may help
+                claim = min(size, claim * 2)
             result = send_batch(
                 batch, queue, token=token, deadline=deadline, shared=shared, sender=sender
             )
@@ -458,7 +521,14 @@ def send_batch(
     db, leases, link_cache = shared.db, shared.leases, shared.links
     blocked = db(suppressed_addresses, [m.to_email for m in messages], queue)
     templates = compose.Templates()
-    limiter = Limiter(queue, len(messages), db, shared.speed(), shared.quota_step(len(messages)))
+    limiter = Limiter(
+        queue,
+        len(messages),
+        db,
+        shared.speed(),
+        shared.quota_step(len(messages)),
+        lanes=shared.lanes,
+    )
     stopped = db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
     checked = time.monotonic()
     batch = outbox.Batch(token=token)
@@ -482,8 +552,9 @@ def send_batch(
                 if message.to_email in blocked:
                     result.suppressed += db(outbox.record_suppressed, [message])
                     continue
-                # The note for this email travels while it is composed (outbox.Note).
-                note = db(outbox.Note, message, token, pending and pending[0], ahead=not db.shared)
+                # The note for this email travels while it is composed (outbox.Note); in a
+                # pool it is written when read, with the other lanes' (Database.note).
+                note = db.note(message, token, pending and pending[0])
                 if pending is not None:
                     batch.sent.append(pending)  # noted now, or written when the batch ends
                     pending = None
@@ -492,7 +563,7 @@ def send_batch(
                 except Exception as exc:  # noqa: BLE001 - classify sorts every failure
                     # A template that cannot render fails at once; an unknown error is
                     # retried, and counts as an attempt although nothing left.
-                    if db(note.result):
+                    if db.read(note):
                         _fail(message, transport.classify(exc), result, db)
                     else:
                         result.released += db(outbox.release, [message], token)
@@ -503,17 +574,17 @@ def send_batch(
                     elif not stopping():  # the rate-limit store stayed down: wait a while
                         result.wait = float(conf.get("RATE_STORE_WAIT"))
                         result.outage = "the rate-limit store is unavailable"
-                    db(note.result)  # read, so the connection is free again
+                    db.read(note)  # read, so the connection is free again
                     untried.extend(messages[index:])
                     break
                 try:
                     sender.open()
                 except ServiceUnavailable as error:
                     _outage(queue, error, result, db)
-                    db(note.result)
+                    db.read(note)
                     untried.extend(messages[index:])
                     break
-                if not db(note.result):  # its campaign stopped, or the claim lapsed
+                if not db.read(note):  # its campaign stopped, or the claim lapsed
                     stopped |= {message.campaign_id} - {None}
                     result.released += db(outbox.release, [message], token)
                     continue

@@ -321,6 +321,48 @@ def _try_portable(token, done_id, next_id, campaign_id) -> tuple | None:
     return (hold.tried_through,)
 
 
+# --- Many lanes' notes in one statement ---------------------------------------------------
+
+_TRY_MANY_SQL = """
+UPDATE mailer_claim AS c
+   SET sent_through = COALESCE(v.done, c.sent_through),
+       tried_through = CASE
+           WHEN v.campaign IS NULL OR EXISTS (
+                SELECT 1 FROM mailer_campaign
+                 WHERE id = v.campaign AND status IN ({running}))
+           THEN v.next ELSE c.tried_through END
+  FROM unnest(%(tokens)s::uuid[], %(done)s::bigint[], %(next)s::bigint[],
+              %(campaigns)s::bigint[]) AS v(token, done, next, campaign)
+ WHERE c.token = v.token
+RETURNING c.token, c.tried_through
+""".format(running=", ".join(f"'{status}'" for status in _RUNNING))  # noqa: S608 - constants
+
+
+def try_many(notes: list[tuple[Message, uuid.UUID, Sent | None]]) -> list[bool]:
+    """try_next for the notes of several claims (a pool's lanes) in one statement, so the
+    database commits them together; each claim has at most one note here."""
+    if not postgres() or len(notes) == 1:
+        return [try_next(message, token, done=done) for message, token, done in notes]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _TRY_MANY_SQL,
+            {
+                "tokens": [token for _, token, _ in notes],
+                "done": [done.message.pk if done else None for _, _, done in notes],
+                "next": [message.pk for message, _, _ in notes],
+                "campaigns": [message.campaign_id for message, _, _ in notes],
+            },
+        )
+        tried_through = {token: tried for token, tried in cursor.fetchall()}
+    answers = []
+    for message, token, _ in notes:
+        tried = tried_through.get(token) == message.pk
+        if tried:
+            message.attempts += 1
+        answers.append(tried)
+    return answers
+
+
 # --- The same note, sent ahead ------------------------------------------------------------
 
 # The worker sends the note for an email before composing it and reads the answer just

@@ -225,3 +225,27 @@ def test_a_lane_keeps_its_connection_across_batches_up_to_a_number_of_emails(
 
     assert slow_smtp.connections == connections
     assert len(slow_smtp.messages) == 7
+
+
+def test_the_lanes_notes_are_written_together(smtp, broker, settings, monkeypatch):
+    # Lanes waiting for their notes at the same moment share one statement (and commit).
+    from mailer import outbox
+
+    pooled(settings, 8, BATCH_SIZE=5)
+    smtp.handler.delay = 0.02
+    for n in range(80):
+        MessageFactory(to_email=f"g{n}@example.com")
+    groups = []
+    original = outbox.try_many
+
+    def recording(notes):
+        groups.append(len(notes))
+        return original(notes)
+
+    monkeypatch.setattr(outbox, "try_many", recording)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 80
+
+    assert sum(groups) == 80
+    assert max(groups) > 1 and len(groups) < 80
+    assert Message.objects.filter(status=MessageStatus.SENT, attempts=1).count() == 80

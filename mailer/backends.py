@@ -7,6 +7,7 @@ backend to ``SMTPBackend`` (same settings, same behaviour, less CPU per email).
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import uuid
 from pathlib import Path
@@ -38,11 +39,76 @@ class _PlainAddresses:
         return self.getreply()
 
 
-class _SMTP(_PlainAddresses, smtplib.SMTP):
+class _Pipelining:
+    """MAIL, RCPT and DATA in one write where the server offers PIPELINING (RFC 2920):
+    two round trips an email instead of four, which halves the time a connection waits
+    on a relay that is a network hop away. Anything unusual goes smtplib's own way."""
+
+    def sendmail(self, from_addr, to_addrs, msg, mail_options=(), rcpt_options=()):
+        self.ehlo_or_helo_if_needed()
+        if isinstance(to_addrs, str):
+            to_addrs = [to_addrs]
+        plain = all(PLAIN_ADDRESS.match(address) for address in [from_addr, *to_addrs])
+        if (
+            not self.has_extn("pipelining")
+            or mail_options
+            or rcpt_options
+            or not plain
+            or not isinstance(msg, bytes)
+        ):
+            return super().sendmail(from_addr, to_addrs, msg, mail_options, rcpt_options)
+        size = f" SIZE={len(msg)}" if self.has_extn("size") else ""
+        commands = [f"MAIL FROM:<{from_addr}>{size}\r\n"]
+        commands += [f"RCPT TO:<{address}>\r\n" for address in to_addrs]
+        commands.append("DATA\r\n")
+        self.send("".join(commands).encode("ascii"))
+        mail_code, mail_reply = self.getreply()
+        refused, replies = {}, [self.getreply() for _ in to_addrs]
+        data_code, data_reply = self.getreply()
+        for address, (code, reply) in zip(to_addrs, replies, strict=True):
+            if code not in (250, 251):
+                refused[address] = (code, reply)
+        if mail_code != 250:
+            self._give_up(mail_code, data_code)
+            raise smtplib.SMTPSenderRefused(mail_code, mail_reply, from_addr)
+        if len(refused) == len(to_addrs) or any(code == 421 for code, _ in refused.values()):
+            self._give_up(421 if any(c == 421 for c, _ in refused.values()) else 0, data_code)
+            raise smtplib.SMTPRecipientsRefused(refused)
+        if data_code != 354:
+            self._give_up(data_code, data_code)
+            raise smtplib.SMTPDataError(data_code, data_reply)
+        data = _DOT_LINE.sub(b"..", msg)
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        self.send(data + b".\r\n")
+        code, reply = self.getreply()
+        if code != 250:
+            if code == 421:
+                self.close()
+            else:
+                self._rset()
+            raise smtplib.SMTPDataError(code, reply)
+        return refused
+
+    def _give_up(self, code: int, data_code: int) -> None:
+        """After a refusal: close on 421, else end an accepted DATA empty and reset."""
+        if code == 421:
+            self.close()
+            return
+        if data_code == 354:  # the server took DATA although nothing may be sent
+            self.send(b".\r\n")
+            self.getreply()
+        self._rset()
+
+
+_DOT_LINE = re.compile(rb"(?m)^\.")
+
+
+class _SMTP(_Pipelining, _PlainAddresses, smtplib.SMTP):
     pass
 
 
-class _SMTPSSL(_PlainAddresses, smtplib.SMTP_SSL):
+class _SMTPSSL(_Pipelining, _PlainAddresses, smtplib.SMTP_SSL):
     pass
 
 

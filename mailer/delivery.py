@@ -328,16 +328,20 @@ class Limiter:
 
 
 def batch_size(queue: Queue, lanes: int = 1) -> int:
-    """BATCH_SIZE, or fewer: all lanes together never hold more claims than about five
-    seconds of the rate."""
+    """BATCH_SIZE (a pool lane's share of it), or fewer: all lanes together never hold
+    more claims than about five seconds of the rate."""
     size = int(conf.get("BATCH_SIZE"))
+    if lanes > 1:  # a lane's share, not less than LANE_CLAIM: a claim is not paid per email
+        size = max(size // lanes, min(LANE_CLAIM, size))
     rate = conf.rate_limit(queue)
     return size if rate is None else max(1, min(size, int(rate * 5 / lanes)))
 
 
-#: A pool's lanes claim this many at first, twice as many while claims come back full:
-#: a few due emails spread over the lanes, a big campaign pays a claim per BATCH_SIZE.
+#: A pool's lanes claim FIRST_CLAIM at first, twice as many while claims come back full,
+#: up to their share of BATCH_SIZE (at least LANE_CLAIM): a few due emails spread over
+#: the lanes, and the last claims of a campaign do not leave most lanes idle.
 FIRST_CLAIM = 10
+LANE_CLAIM = 25
 
 
 class Shared:

@@ -105,6 +105,21 @@ class RecordingHandler:
         self.refuse: dict[str, str] = {}
         self.delay = 0.0  # seconds before answering the end of DATA
         self.in_flight = self.most_in_flight = 0  # emails being answered at once
+        self.pipelining = True  # offered in EHLO, as real relays do (RFC 2920)
+        self.pipelined = 0  # transactions whose commands came in one go
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        # RCPT already waiting in the buffer: the client did not wait for this reply.
+        if self.pipelining and b"RCPT" in bytes(getattr(server._reader, "_buffer", b"")):
+            self.pipelined += 1
+        envelope.mail_from, envelope.mail_options = address, mail_options
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.refuse.get(address.lower())
@@ -161,6 +176,7 @@ class SMTPServer:
             self.handler.messages.clear()
             self.handler.delay = 0.0
             self.handler.in_flight = self.handler.most_in_flight = 0
+            self.handler.pipelining, self.handler.pipelined = True, 0
         self.handler.refuse.clear()
         self.start()
 

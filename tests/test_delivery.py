@@ -92,6 +92,40 @@ def test_the_envelope_sender_is_the_bare_address_of_the_from_header(
     assert received.parsed()["From"].addresses[0].display_name == name
 
 
+@pytest.mark.parametrize("offered", [True, False])
+def test_commands_are_pipelined_where_the_server_offers_it(smtp, broker, offered):
+    smtp.handler.pipelining = offered
+    smtp.handler.refuse["refused@example.com"] = "550 5.1.1 No such user"
+    queue("refused@example.com")
+    sent = [queue(f"p{n}@example.com") for n in range(3)]
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 3
+
+    assert smtp.handler.pipelined == (4 if offered else 0)
+    assert sorted(r for m in smtp.messages for r in m.rcpt_tos) == sorted(m.to_email for m in sent)
+    refused = Message.objects.get(to_email="refused@example.com")
+    assert refused.status == MessageStatus.FAILED
+    assert "550" in refused.last_error
+    for received in smtp.messages:
+        assert_well_formed(received.parsed())
+
+
+def test_a_pipelined_email_arrives_byte_for_byte_with_its_leading_dots(smtp):
+    from mailer.backends import SMTPBackend
+
+    body = b"Subject: dots\r\n\r\n.one\r\n..two\r\nmiddle . dot\r\n.\r\nend\r\n"
+    backend = SMTPBackend(host="127.0.0.1", port=smtp.port, use_tls=False)
+    backend.open()
+    try:
+        assert backend.connection.sendmail("a@example.com", ["b@example.com"], body) == {}
+    finally:
+        backend.close()
+
+    (received,) = smtp.messages
+    assert received.data.replace(b"\r\n", b"\n") == body.replace(b"\r\n", b"\n")
+    assert smtp.handler.pipelined == 1
+
+
 def test_drain_again_sends_nothing_more(smtp, broker):
     queue("ada@example.com")
     delivery.drain(Kind.TRANSACTIONAL)

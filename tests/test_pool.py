@@ -46,6 +46,7 @@ def test_a_pool_sends_each_message_once_over_several_connections_at_once(smtp, b
     assert not Claim.objects.exists()
 
 
+@pytest.mark.integration  # PostgreSQL's pg_stat_activity
 @pytest.mark.parametrize("kind", [Kind.TRANSACTIONAL, Kind.CAMPAIGN])
 def test_a_pool_uses_one_database_connection_for_all_its_lanes(smtp, broker, settings, kind):
     from django.db import connection
@@ -111,6 +112,7 @@ def lane_watching(settings, stop_cleared):
     LaneWatching.on_send = None
 
 
+@pytest.mark.integration  # reads rows from the lanes' threads (see below)
 def test_each_lane_notes_its_email_on_its_own_claim_before_it_goes_out(
     broker, settings, lane_watching
 ):
@@ -135,6 +137,9 @@ def test_each_lane_notes_its_email_on_its_own_claim_before_it_goes_out(
     assert not Claim.objects.exists()
 
 
+# The backend reads rows from the lanes' threads: SQLite's shared-cache test database
+# refuses that ("table is locked"), which mailer itself never does.
+@pytest.mark.integration
 def test_a_stop_request_ends_every_lane_after_its_email_on_the_wire(
     broker, settings, lane_watching
 ):

@@ -1,8 +1,8 @@
 """DKIM signatures on the SMTP path: the key read once per process, the wire bytes signed.
 
-dkimpy does the signing (relaxed/relaxed, rsa-sha256). It computes RSA in pure Python,
-so a signature costs about 6 ms of CPU with a 2048-bit key (OpenSSL would take 0.2 ms):
-the README's DKIM section has the measured figures. The private key never reaches a log
+dkimpy does the signing (relaxed/relaxed, rsa-sha256), with its RSA step done by OpenSSL
+(below): about 0.7 ms of CPU a transactional email with a 2048-bit key, where dkimpy's
+pure-Python RSA alone took 5 ms. The README's DKIM section has the measured figures. The private key never reaches a log
 or an error message; errors name the setting instead.
 """
 
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dkim
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.asn1 import BIT_STRING, INTEGER, NULL, OBJECT_IDENTIFIER, SEQUENCE
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
@@ -150,6 +152,45 @@ def ascii_domain(domain: str) -> str:
         return domain.encode("idna").decode("ascii")
     except UnicodeError:
         return domain
+
+
+# --- The RSA step through OpenSSL ----------------------------------------------------------
+#
+# dkimpy canonicalises and hashes well, but computes the RSA signature with Python's pow():
+# 5.2 ms of CPU an email for a 2048-bit key, five times all the rest of sending it. OpenSSL
+# (cryptography) computes the same PKCS#1 v1.5 signature, deterministic and byte for byte
+# identical, in about 0.2 ms. dkimpy calls the step through its module's global name, so
+# that name is pointed here; a digest other than SHA-256 still goes dkimpy's way.
+
+_KEY_FIELDS = (
+    "modulus",
+    "publicExponent",
+    "privateExponent",
+    "prime1",
+    "prime2",
+    "exponent1",
+    "exponent2",
+    "coefficient",
+)
+_pure_rsa_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+
+
+def openssl_rsa_sign(digest, private_key: dict) -> bytes:
+    """dkimpy's ``RSASSA_PKCS1_v1_5_sign(hash, private_key)``, by OpenSSL."""
+    if digest.name.lower() != "sha256":
+        return _pure_rsa_sign(digest, private_key)
+    key = _openssl_key(tuple(private_key[name] for name in _KEY_FIELDS))
+    return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+@functools.lru_cache(maxsize=4)
+def _openssl_key(fields: tuple[int, ...]) -> rsa.RSAPrivateKey:
+    n, e, d, p, q, dmp1, dmq1, iqmp = fields
+    public = rsa.RSAPublicNumbers(e=e, n=n)
+    return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, public).private_key()
+
+
+dkim.RSASSA_PKCS1_v1_5_sign = openssl_rsa_sign
 
 
 def record_name(selector: str, domain: str) -> str:

@@ -88,6 +88,16 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                     id="mailer.E009",
                 )
             )
+    cap = conf.get("MAX_OPEN_CONNECTIONS")
+    if cap not in (None, "", 0) and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        errors.append(
+            checks.Error(
+                f"MAILER['MAX_OPEN_CONNECTIONS'] is {cap!r}: it must be a whole number of "
+                "connections, or None for no cap.",
+                hint="Set MAILER_MAX_OPEN_CONNECTIONS.",
+                id="mailer.E009",
+            )
+        )
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
         errors.append(
             checks.Warning(

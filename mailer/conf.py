@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "CONNECTIONS": {"transactional": 1, "campaign": 1},
     # Emails sent over one connection before it is closed and opened again.
     "MESSAGES_PER_CONNECTION": 100,
+    # Connections all worker processes together keep open to the backend (None: no cap).
+    "MAX_OPEN_CONNECTIONS": None,
     # After a "slow down" (SMTP 421 / 4.7.x, ESP 429): how long the emails concerned wait
     # when the server gives no Retry-After, and how often a tenth of the speed comes back.
     "THROTTLE_WAIT": 30,
@@ -261,6 +263,20 @@ def connections(queue: str) -> int:
 
 
 MAX_CONNECTIONS = 200
+
+
+def max_open_connections() -> int | None:
+    """MAX_OPEN_CONNECTIONS: the cap on connections to the backend, all processes."""
+    value = get("MAX_OPEN_CONNECTIONS")
+    return None if value in (None, "", 0) else max(1, int(value))
+
+
+def backend_key() -> str:
+    """Names the backend the connection cap counts for: its class, host and port."""
+    backend = email_backend()
+    if backend.endswith(("smtp.EmailBackend", "SMTPBackend")):
+        return f"smtp:{settings.EMAIL_HOST}:{settings.EMAIL_PORT}"
+    return backend
 
 
 def redis_url() -> str | None:

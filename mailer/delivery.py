@@ -342,6 +342,8 @@ def batch_size(queue: Queue, lanes: int = 1) -> int:
 #: the lanes, and the last claims of a campaign do not leave most lanes idle.
 FIRST_CLAIM = 10
 LANE_CLAIM = 25
+#: Seconds before a drain that found no free connection slot looks again.
+SLOT_WAIT = 2
 
 
 class Shared:
@@ -430,10 +432,15 @@ def _lane(
     """
     queue, total, sender = shared.queue, 0, transport.Sender()
     claim = size if lanes == 1 else min(size, FIRST_CLAIM)
+    holder = uuid.uuid4().hex  # this lane's slot under MAX_OPEN_CONNECTIONS
     try:
         while not stopping() and time.monotonic() < deadline:
             if lane and lane >= shared.speed().connections(lanes):
                 return total, None  # the server asked us to slow down: fewer connections
+            if not ratelimit.take_connection_slot(holder):
+                # Every connection the backend allows us is open elsewhere: look again
+                # in a moment, unless other lanes of this drain carry on meanwhile.
+                return total, SLOT_WAIT
             if lane == 0:
                 dispatch.clear_kick(queue)
             token = uuid.uuid4()
@@ -454,6 +461,7 @@ def _lane(
         return total, (5 if stopping() else 0)
     finally:
         sender.close()
+        ratelimit.release_connection_slot(holder)
 
 
 # --- Sending one batch --------------------------------------------------------------------

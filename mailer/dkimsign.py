@@ -2,8 +2,8 @@
 
 dkimpy does the signing (relaxed/relaxed, rsa-sha256), with its RSA step done by OpenSSL
 (below): about 0.7 ms of CPU a transactional email with a 2048-bit key, where dkimpy's
-pure-Python RSA alone took 5 ms. The README's DKIM section has the measured figures. The private key never reaches a log
-or an error message; errors name the setting instead.
+pure-Python RSA alone took 5 ms. The README's DKIM section has the measured figures.
+The private key never reaches a log or an error message; errors name the setting instead.
 """
 
 from __future__ import annotations

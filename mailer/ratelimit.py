@@ -38,7 +38,7 @@ return tostring(-tokens / rate)
 """
 
 _clients: dict[str, redis.Redis] = {}
-_scripts: dict[str, object] = {}
+_scripts: dict[object, object] = {}
 _lock = threading.Lock()
 
 
@@ -109,3 +109,72 @@ def _reserve_db(queue: str, rate: float, tokens: int) -> float:
         level = min(burst, bucket.tokens + max(0.0, now - bucket.updated) * rate) - tokens
         RateBucket.objects.filter(pk=bucket.pk).update(tokens=level, updated=now)
     return 0.0 if level >= 0 else -level / rate
+
+
+# --- Open connections to the backend, all processes together ---------------------------------
+
+# Hold (or renew) a slot for ARGV[3] until ARGV[2] seconds from now, if fewer than ARGV[1]
+# other live slots are held; slots of processes that died lapse on their own.
+_TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[3])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
+return 1
+"""
+
+#: A slot not renewed for this long is free again (its process died).
+SLOT_SECONDS = 60.0
+
+_local_slots: dict[str, set[str]] = {}
+
+
+def take_connection_slot(holder: str) -> bool:
+    """May ``holder`` (a lane) keep a connection to the backend open? Renews its slot.
+
+    MAILER['MAX_OPEN_CONNECTIONS'] caps the connections every worker process together
+    keeps open to the backend (a relay that allows 20 from us answers the 21st with
+    421). Without a cap: always. Without Redis the cap holds per process. The Redis
+    store being down answers no: the lane waits, the relay is never flooded.
+    """
+    cap = conf.max_open_connections()
+    if cap is None:
+        return True
+    key = f"mailer:connections:{conf.backend_key()}"
+    client = redis_client()
+    if client is None:
+        with _lock:
+            held = _local_slots.setdefault(key, set())
+            if holder in held or len(held) < cap:
+                held.add(holder)
+                return True
+            return False
+    script = _scripts.get(("slot", id(client)))
+    if script is None:
+        script = _scripts[("slot", id(client))] = client.register_script(_TAKE_SLOT)
+    try:
+        return bool(script(keys=[key], args=[cap, SLOT_SECONDS, holder]))
+    except redis.RedisError as exc:
+        logger.warning("mailer: connection slots unavailable (%s)", exc.__class__.__name__)
+        return False
+
+
+def release_connection_slot(holder: str) -> None:
+    """The lane closed its connection: its slot is free for another."""
+    if conf.max_open_connections() is None:
+        return
+    key = f"mailer:connections:{conf.backend_key()}"
+    client = redis_client()
+    if client is None:
+        with _lock:
+            _local_slots.get(key, set()).discard(holder)
+        return
+    try:
+        client.zrem(key, holder)
+    except redis.RedisError:
+        pass  # it lapses after SLOT_SECONDS

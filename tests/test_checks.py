@@ -110,3 +110,12 @@ def test_missing_postal_address_without_debug_is_warning_w001(settings):
     settings.DEBUG = False
 
     assert "mailer.W001" in mailer_ids()
+
+
+@pytest.mark.parametrize("value", [-1, "many", 2.5, True])
+def test_a_cap_on_open_connections_that_is_not_a_whole_number_is_error_e009(settings, value):
+    from mailer.checks import check_settings
+
+    settings.MAILER = {**settings.MAILER, "MAX_OPEN_CONNECTIONS": value}
+
+    assert "mailer.E009" in [error.id for error in check_settings()]

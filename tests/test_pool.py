@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
 
-from mailer import campaigns, delivery
+from mailer import campaigns, conf, delivery
 from mailer.models import Campaign, Claim, Contact, Kind, Message, MessageStatus
 from tests.factories import MessageFactory, everyone_segment, marketing_template
 
@@ -254,3 +254,46 @@ def test_the_lanes_notes_are_written_together(smtp, broker, settings, monkeypatc
     assert sum(groups) == 80
     assert max(groups) > 1 and len(groups) < 80
     assert Message.objects.filter(status=MessageStatus.SENT, attempts=1).count() == 80
+
+
+def test_all_drains_together_keep_to_the_cap_on_open_connections(slow_smtp, broker, settings):
+    # Two drains (as two worker processes would) of 4 connections each, a relay that
+    # allows us 3: never more than 3 open at once, and every email goes out once.
+    from django.db import connection
+
+    pooled(settings, 4, BATCH_SIZE=4, MAX_OPEN_CONNECTIONS=3)
+    slow_smtp.delay = 0.01
+    for n in range(60):
+        MessageFactory(to_email=f"cap{n}@example.com")
+    sent = []
+
+    def drain_in_thread():
+        sent.append(delivery.drain(Kind.TRANSACTIONAL))
+        connection.close()
+
+    threads = [threading.Thread(target=drain_in_thread) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    while sum(sent) < 60:  # a drain that found every slot taken looks again later
+        sent.append(delivery.drain(Kind.TRANSACTIONAL))
+        assert len(sent) < 20, sent
+
+    assert slow_smtp.max_concurrent <= 3
+    assert sorted(r for m in slow_smtp.messages for r in m.rcpt_tos) == sorted(
+        f"cap{n}@example.com" for n in range(60)
+    )
+    assert not broker.zcard("mailer:connections:" + conf.backend_key())  # all given back
+
+
+def test_a_lapsed_slot_of_a_dead_process_is_free_again(broker, settings):
+    from mailer import ratelimit
+
+    settings.MAILER = {**settings.MAILER, "MAX_OPEN_CONNECTIONS": 1}
+    assert ratelimit.take_connection_slot("dead-lane")
+    assert not ratelimit.take_connection_slot("live-lane")
+    assert ratelimit.take_connection_slot("dead-lane")  # its own slot: renewed
+    broker.zadd("mailer:connections:" + conf.backend_key(), {"dead-lane": 0})  # lapsed
+
+    assert ratelimit.take_connection_slot("live-lane")

@@ -907,7 +907,7 @@ class QueueThrottleAdmin(admin.ModelAdmin):
         return False  # set by the servers' replies; the action below resets it
 
     def _speed(self, row: QueueThrottle) -> throttle.Speed:
-        return throttle.speed(row.queue)
+        return throttle.speed_of(row)  # the row in hand: no query per column
 
     @admin.display(description="speed now")
     def speed_now(self, row: QueueThrottle) -> str:

@@ -71,8 +71,9 @@ class _Pipelining:
         if mail_code != 250:
             self._give_up(mail_code, data_code)
             raise smtplib.SMTPSenderRefused(mail_code, mail_reply, from_addr)
-        if len(refused) == len(to_addrs) or any(code == 421 for code, _ in refused.values()):
-            self._give_up(421 if any(c == 421 for c, _ in refused.values()) else 0, data_code)
+        closing = any(code == 421 for code, _ in refused.values())
+        if closing or len(refused) == len(to_addrs):
+            self._give_up(421 if closing else 0, data_code)
             raise smtplib.SMTPRecipientsRefused(refused)
         if data_code != 354:
             self._give_up(data_code, data_code)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 from django.core import checks
 
 from . import conf, dkimsign
 from .exceptions import MailerConfigurationError
+from .models import Queue
 
 _SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*)(?:\.[A-Za-z0-9_-]+)*$")
 SMTP_BACKENDS = ("django.core.mail.backends.smtp.EmailBackend", "mailer.backends.SMTPBackend")
@@ -74,30 +76,15 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 id="mailer.E007",
             )
         )
-    for queue, value in (conf.get("CONNECTIONS") or {}).items():
+    # The readers refuse what sending would refuse: one rule, in conf.
+    for read in [*(partial(conf.connections, queue) for queue in Queue), conf.max_open_connections]:
         try:
-            valid = 1 <= int(value) <= conf.MAX_CONNECTIONS
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
+            read()
+        except MailerConfigurationError as exc:
+            hint = "Set MAILER_CAMPAIGN_CONNECTIONS, MAILER_TRANSACTIONAL_CONNECTIONS or "
             errors.append(
-                checks.Error(
-                    f"MAILER['CONNECTIONS'][{queue!r}] is {value!r}: it must be a whole "
-                    f"number from 1 to {conf.MAX_CONNECTIONS}.",
-                    hint="Set MAILER_CAMPAIGN_CONNECTIONS / MAILER_TRANSACTIONAL_CONNECTIONS.",
-                    id="mailer.E009",
-                )
+                checks.Error(str(exc), hint=hint + "MAILER_MAX_OPEN_CONNECTIONS.", id="mailer.E009")
             )
-    cap = conf.get("MAX_OPEN_CONNECTIONS")
-    if cap not in (None, "", 0) and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-        errors.append(
-            checks.Error(
-                f"MAILER['MAX_OPEN_CONNECTIONS'] is {cap!r}: it must be a whole number of "
-                "connections, or None for no cap.",
-                hint="Set MAILER_MAX_OPEN_CONNECTIONS.",
-                id="mailer.E009",
-            )
-        )
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
         errors.append(
             checks.Warning(

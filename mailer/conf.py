@@ -257,9 +257,17 @@ def quota_timezone() -> ZoneInfo:
 
 
 def connections(queue: str) -> int:
-    """How many connections a worker process sends a queue's mail over (1 to 200)."""
-    value = get("CONNECTIONS").get(queue) or 1
-    return min(max(int(value), 1), MAX_CONNECTIONS)
+    """How many connections a worker process sends a queue's mail over (1 to 200).
+
+    A value out of range is refused, not bent into it: 500 connections would otherwise
+    quietly become 200, and 0 one."""
+    value = get("CONNECTIONS").get(str(queue), 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise MailerConfigurationError(
+            f"MAILER['CONNECTIONS'][{str(queue)!r}] is {value!r}: it must be a whole number "
+            f"from 1 to {MAX_CONNECTIONS}."
+        )
+    return value
 
 
 MAX_CONNECTIONS = 200
@@ -268,7 +276,14 @@ MAX_CONNECTIONS = 200
 def max_open_connections() -> int | None:
     """MAX_OPEN_CONNECTIONS: the cap on connections to the backend, all processes."""
     value = get("MAX_OPEN_CONNECTIONS")
-    return None if value in (None, "", 0) else max(1, int(value))
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MailerConfigurationError(
+            f"MAILER['MAX_OPEN_CONNECTIONS'] is {value!r}: it must be a whole number of "
+            "connections, or None for no cap."
+        )
+    return value
 
 
 def backend_key() -> str:

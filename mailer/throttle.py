@@ -57,6 +57,11 @@ def speed(queue: str, now: datetime | None = None) -> Speed:
     return _current(row, now or timezone.now())
 
 
+def speed_of(row: QueueThrottle | None, now: datetime | None = None) -> Speed:
+    """The speed a row already read stands for (the admin's list reads each row once)."""
+    return _current(row, now or timezone.now())
+
+
 def _current(row: QueueThrottle | None, now: datetime) -> Speed:
     if row is None or row.signalled_at is None or row.factor >= 1.0:
         return FULL

@@ -181,6 +181,16 @@ class SMTPServer:
         self.start()
 
 
+def send_through_smtp(settings, port: int) -> None:
+    """Django's SMTP backend to a test server on 127.0.0.1, with the tests' sender."""
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", port
+    settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
+    settings.EMAIL_TIMEOUT = 5
+    settings.DEFAULT_FROM_EMAIL = FROM_EMAIL
+    settings.MAILER = {**settings.MAILER, "FROM_EMAIL": FROM_EMAIL, "FROM_NAME": FROM_NAME}
+
+
 @pytest.fixture(scope="session")
 def smtp_server():
     server = SMTPServer()
@@ -193,12 +203,7 @@ def smtp_server():
 def smtp(smtp_server, settings):
     """The SMTP server, emptied, with this process's Django sending to it."""
     smtp_server.reset()
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", smtp_server.port
-    settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
-    settings.EMAIL_TIMEOUT = 5
-    settings.DEFAULT_FROM_EMAIL = FROM_EMAIL
-    settings.MAILER = {**settings.MAILER, "FROM_EMAIL": FROM_EMAIL, "FROM_NAME": FROM_NAME}
+    send_through_smtp(settings, smtp_server.port)
     yield smtp_server
     smtp_server.start()
 

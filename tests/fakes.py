@@ -37,7 +37,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-from tests.conftest import FROM_EMAIL, FROM_NAME, Received, free_port
+from tests.conftest import FROM_EMAIL, FROM_NAME, Received, free_port, send_through_smtp
 
 STAGES = ("CONNECT", "MAIL", "RCPT", "DATA")
 _DROP = "__drop the connection__"  # a handler's answer that SlowSMTPSession never writes
@@ -270,12 +270,7 @@ def slow_smtp(slow_smtp_server, settings):
     ``.dropped``, ``.max_concurrent``, ``.connections``, ``.rate()``, ``.per_second()``.
     """
     slow_smtp_server.reset()
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", slow_smtp_server.port
-    settings.EMAIL_USE_TLS = settings.EMAIL_USE_SSL = False
-    settings.EMAIL_TIMEOUT = 5
-    settings.DEFAULT_FROM_EMAIL = FROM_EMAIL
-    settings.MAILER = {**settings.MAILER, "FROM_EMAIL": FROM_EMAIL, "FROM_NAME": FROM_NAME}
+    send_through_smtp(settings, slow_smtp_server.port)
     yield slow_smtp_server
     slow_smtp_server.reset()
 

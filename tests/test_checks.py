@@ -119,3 +119,17 @@ def test_a_cap_on_open_connections_that_is_not_a_whole_number_is_error_e009(sett
     settings.MAILER = {**settings.MAILER, "MAX_OPEN_CONNECTIONS": value}
 
     assert "mailer.E009" in [error.id for error in check_settings()]
+
+
+@pytest.mark.parametrize("value", [0, 500, "8", None])
+def test_a_connection_count_out_of_range_is_refused_not_bent_into_it(settings, value):
+    from mailer import conf
+    from mailer.checks import check_settings
+    from mailer.exceptions import MailerConfigurationError
+
+    settings.MAILER = {**settings.MAILER, "CONNECTIONS": {"campaign": value}}
+
+    with pytest.raises(MailerConfigurationError, match="CONNECTIONS"):
+        conf.connections("campaign")
+    assert conf.connections("transactional") == 1  # unset: one connection
+    assert "mailer.E009" in [error.id for error in check_settings()]

@@ -12,7 +12,7 @@ class MailerConfig(AppConfig):
         from django.core import checks
 
         from . import checks as mailer_checks
-        from . import receivers, signals
+        from . import receivers, signals, webhooks
 
         signals.user_registered.connect(
             receivers.on_user_registered, dispatch_uid="mailer.user_registered"
@@ -45,3 +45,4 @@ class MailerConfig(AppConfig):
         tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)
+        checks.register(webhooks.check_urls, checks.Tags.security, checks.Tags.urls)

@@ -25,10 +25,11 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
 
-    try:
-        conf.quota_timezone()
-    except MailerConfigurationError as exc:
-        errors.append(checks.Error(str(exc), id="mailer.E001"))
+    for read in (conf.quota_timezone, conf.webhook_max_age):
+        try:
+            read()
+        except MailerConfigurationError as exc:
+            errors.append(checks.Error(str(exc), id="mailer.E001"))
 
     visibility = conf.broker_visibility_timeout()
     countdown = float(conf.get("MAX_COUNTDOWN"))

@@ -80,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "IDEMPOTENCY_HEADER": None,
     # Email verification links stay valid this many seconds.
     "VERIFY_MAX_AGE": 3 * 24 * 3600,
+    # A signed webhook (Mailgun) whose signature time is further than this many seconds
+    # from now is refused, and each signature token is accepted once within twice this.
+    "WEBHOOK_MAX_AGE": 300,
     # Seconds a process reuses a template lookup (other processes see edits this late).
     "TEMPLATE_CACHE_SECONDS": 5,
     # Extra names allowed in every template besides the standard context.
@@ -418,6 +421,16 @@ def webhook_secret() -> str | None:
 
 def debug() -> bool:
     return bool(settings.DEBUG)
+
+
+def webhook_max_age() -> float:
+    """WEBHOOK_MAX_AGE in seconds; a positive number, or the window means nothing."""
+    value = get("WEBHOOK_MAX_AGE")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise MailerConfigurationError(
+            f"MAILER['WEBHOOK_MAX_AGE'] is {value!r}: it must be a positive number of seconds."
+        )
+    return float(value)
 
 
 def password_reset_hours() -> int:

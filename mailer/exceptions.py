@@ -1,6 +1,6 @@
 """The errors mailer raises: one root, typed leaves, configuration errors apart."""
 
-from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation, ValidationError
 
 
 class MailerError(Exception):
@@ -50,6 +50,18 @@ class InvalidContext(MailerError, ValueError):
 
 class ImportFileError(MailerError, ValueError):
     """A file to import cannot be read as a whole; nothing from it was imported."""
+
+
+class InvalidWebhook(MailerError, SuspiciousOperation):
+    """An ESP webhook request that is malformed, wrongly shaped, stale or replayed.
+
+    A SuspiciousOperation too, so Django answers 400 wherever it is raised: the ESP sees a
+    refusal, and nothing from the request is recorded."""
+
+
+class WebhookStoreUnavailable(MailerError):
+    """The store of seen webhook signatures cannot be reached: the request is refused
+    (503, so the ESP tries again later) rather than accepted unchecked."""
 
 
 class SuppressedRecipient(MailerError):

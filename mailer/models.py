@@ -718,6 +718,17 @@ class RateBucket(models.Model):
         return self.name
 
 
+class WebhookSignature(models.Model):
+    """A signed webhook's token, seen once, for the database store (no Redis): the same
+    signature posted again is refused. Rows older than their window are pruned."""
+
+    key = models.CharField(max_length=100, unique=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.key
+
+
 class WarmupSchedule(models.Model):
     """A daily cap on marketing mail that grows from a start date while a new sending
     domain or IP earns its reputation. Edited in the admin: ops adjust it without a deploy.

@@ -9,19 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
+import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
+import redis
 from django.core import signing
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from . import compose, conf, outbox
-from .exceptions import MailerError
-from .models import Event, Link, Message, Suppression
+from .exceptions import InvalidWebhook, MailerError, WebhookStoreUnavailable
+from .models import Event, Link, Message, Suppression, WebhookSignature
+from .ratelimit import redis_client
 from .suppressions import suppress
 
 logger = logging.getLogger(__name__)
@@ -35,14 +40,122 @@ class TrackingError(MailerError):
     """A tracking link or pixel that is forged, altered or unknown."""
 
 
+# --- Guarding ESP webhooks ---------------------------------------------------------------------
+
+#: Fields of anymail's normalized event and what each may hold. An ESP's raw payload of the
+#: wrong shape can parse into anything; nothing of it is recorded unless all fit.
+_TEXT_FIELDS = (
+    "event_type",
+    "recipient",
+    "click_url",
+    "user_agent",
+    "description",
+    "mta_response",
+    "reject_reason",
+)
+_ID_FIELDS = ("event_id", "message_id")
+
+
+def check_event(event, esp: str) -> None:
+    """Refuse (InvalidWebhook, a 400) an event whose fields have the wrong types."""
+    wrong = [
+        name
+        for name in _TEXT_FIELDS
+        if getattr(event, name, None) is not None and not isinstance(getattr(event, name), str)
+    ]
+    for name in _ID_FIELDS:
+        value = getattr(event, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            wrong.append(name)
+    metadata = getattr(event, "metadata", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        wrong.append("metadata")
+    elif metadata and not isinstance(metadata.get("mailer_message_id", ""), str):
+        wrong.append("metadata.mailer_message_id")
+    tags = getattr(event, "tags", None)
+    if tags is not None and (
+        not isinstance(tags, list | tuple) or not all(isinstance(tag, str) for tag in tags)
+    ):
+        wrong.append("tags")
+    stamp = getattr(event, "timestamp", None)
+    if stamp is not None and not isinstance(stamp, datetime):
+        wrong.append("timestamp")
+    if wrong:
+        raise InvalidWebhook(f"A {esp} event has fields of the wrong type: {', '.join(wrong)}.")
+    if isinstance(event.recipient, str) and len(event.recipient) > 254:
+        raise InvalidWebhook(f"A {esp} event names a recipient longer than an address can be.")
+    if not (event.recipient or event.message_id or (metadata or {}).get("mailer_message_id")):
+        raise InvalidWebhook(f"A {esp} event names no recipient and no message.")
+
+
+def accept_signature(esp: str, *, timestamp: object, token: object) -> None:
+    """A signed webhook is fresh and its signature not seen before, or InvalidWebhook.
+
+    The signature (checked by anymail before this) covers the timestamp and the token,
+    not the event data: without these checks a captured signature would carry any event,
+    at any time. WebhookStoreUnavailable when the store of seen tokens cannot answer.
+    """
+    max_age = conf.webhook_max_age()
+    try:
+        signed_at = float(timestamp)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidWebhook(f"The {esp} webhook signature has no valid timestamp.") from None
+    if not math.isfinite(signed_at) or abs(time.time() - signed_at) > max_age:
+        raise InvalidWebhook(
+            f"The {esp} webhook signature is stale: signed more than {max_age:.0f} seconds "
+            "from now (MAILER['WEBHOOK_MAX_AGE'])."
+        )
+    if not isinstance(token, str) or not token:
+        raise InvalidWebhook(f"The {esp} webhook signature has no token.")
+    if not first_use(esp, token, ttl=2 * max_age):
+        raise InvalidWebhook(f"The {esp} webhook signature was used before: replay refused.")
+
+
+def first_use(esp: str, token: str, *, ttl: float) -> bool:
+    """Whether this is the first time ``token`` is seen within ``ttl`` seconds, across every
+    web process: in Redis (a key that expires), else in the database."""
+    key = f"{esp[:20]}:{hashlib.sha256(token.encode()).hexdigest()}"
+    client = redis_client()
+    if client is not None:
+        try:
+            return bool(
+                client.set(f"mailer:webhook-signature:{key}", 1, nx=True, ex=math.ceil(ttl))
+            )
+        except redis.RedisError as exc:
+            raise WebhookStoreUnavailable(
+                f"The store of seen webhook signatures is unreachable: {exc}"
+            ) from exc
+    now = timezone.now()
+    expires_at = now + timedelta(seconds=ttl)
+    WebhookSignature.objects.filter(expires_at__lt=now).delete()
+    try:
+        with transaction.atomic():
+            WebhookSignature.objects.create(key=key, expires_at=expires_at)
+    except IntegrityError:
+        return False
+    return True
+
+
+def same_address(a: str, b: str) -> bool:
+    """Equal as mail sees them: case aside, and a domain in Unicode or in IDNA form."""
+    return conf.ascii_domain(a.strip().lower()) == conf.ascii_domain(b.strip().lower())
+
+
 # --- ESP events ----------------------------------------------------------------------------
 
 
 def _event_key(esp: str, event) -> str:
     """Unique per event and recipient: SES gives every recipient of one notification the
     same id, so the recipient is part of the key."""
-    if event.event_id:
-        key = f"{esp}:{event.event_id}:{(event.recipient or '').lower()}"
+    event_id = event.event_id
+    raw = event.esp_event.get("event-data") if isinstance(event.esp_event, dict) else None
+    if esp == "mailgun" and isinstance(raw, dict) and raw.get("id"):
+        # anymail's id for a Mailgun event is its signature's token, new on every POST (a
+        # retry too, and a reused one is refused): the event's own id, unique within a
+        # day, with its time, is the same however often Mailgun posts it.
+        event_id = f"{raw['id']}:{raw.get('timestamp', '')}"
+    if event_id:
+        key = f"{esp}:{event_id}:{(event.recipient or '').lower()}"
         return (
             key if len(key) <= 255 else f"{esp}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
         )
@@ -109,9 +222,25 @@ def bounce_kind(esp: str, event) -> str:
 
 
 def record(event, esp: str) -> Event | None:
-    """Store one anymail tracking event and apply its consequences; None for a replay."""
+    """Store one anymail tracking event and apply its consequences; None for a replay, or
+    for an event whose message was sent to another address than the event names."""
+    check_event(event, esp)
     message = find_message(event)
+    if (
+        message is not None
+        and event.recipient
+        and not same_address(event.recipient, message.to_email)
+    ):
+        # Its ids point at someone else's message: moving that message, or suppressing
+        # its address, on this event's word would be wrong. Nothing is recorded.
+        logger.warning(
+            "mailer: %s event for message %s names another recipient; ignored", esp, message.pk
+        )
+        return None
     recipient = (event.recipient or (message.to_email if message else "") or "").strip().lower()
+    stamp = event.timestamp
+    if stamp is not None and timezone.is_naive(stamp):
+        stamp = stamp.replace(tzinfo=UTC)
     data = {
         "esp": esp,
         "reject_reason": event.reject_reason,
@@ -131,7 +260,7 @@ def record(event, esp: str) -> Event | None:
         else Event.Type.UNKNOWN,
         provider_event_id=_event_key(esp, event),
         recipient=recipient[:254],
-        timestamp=event.timestamp or timezone.now(),
+        timestamp=stamp or timezone.now(),
         description=(event.description or "")[:2000],
         bounce=bounce_kind(esp, event),
         data=data,

@@ -18,6 +18,7 @@ urlpatterns = [
     ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("mailer/", include("mailer.urls")),
-    path("anymail/", include("anymail.urls")),  # /anymail/<esp>/tracking/ webhooks
+    # /anymail/<esp>/tracking/: anymail's webhooks, guarded by mailer
+    path("anymail/", include("mailer.webhooks")),
     path("admin/", admin.site.urls),
 ]

@@ -133,3 +133,39 @@ def test_a_connection_count_out_of_range_is_refused_not_bent_into_it(settings, v
         conf.connections("campaign")
     assert conf.connections("transactional") == 1  # unset: one connection
     assert "mailer.E009" in [error.id for error in check_settings()]
+
+
+# --- Security: hosts and webhooks ---------------------------------------------------------
+
+
+def check_ids(**kwargs) -> list[str]:
+    """Every registered check, as ``manage.py check`` (``--deploy``) runs them."""
+    from django.core.checks import run_checks
+
+    return sorted(m.id for m in run_checks(**kwargs) if m.id and m.id.startswith("mailer."))
+
+
+def test_anymails_own_webhook_views_are_warning_w004(settings):
+    settings.ROOT_URLCONF = __name__  # this module's urlpatterns: anymail.urls as is
+
+    assert "mailer.W004" in check_ids()
+
+
+def test_the_projects_guarded_webhooks_raise_no_w004():
+    assert "mailer.W004" not in check_ids()
+
+
+@pytest.mark.parametrize("value", [0, -5, "300", None])
+def test_a_webhook_max_age_that_is_not_positive_seconds_is_error_e001(settings, value):
+    settings.MAILER = {**settings.MAILER, "WEBHOOK_MAX_AGE": value}
+
+    assert "mailer.E001" in mailer_ids()
+
+
+def _anymail_urls():
+    from django.urls import include, path
+
+    return [path("anymail/", include("anymail.urls"))]
+
+
+urlpatterns = _anymail_urls()

@@ -24,7 +24,7 @@ import pytest
 from django.utils import timezone
 
 from mailer import outbox
-from mailer.models import Event, Kind, Message, MessageStatus, Suppression
+from mailer.models import Event, Kind, Message, MessageStatus, Suppression, WebhookSignature
 from mailer.outbox import RANK
 from tests.factories import MessageFactory
 
@@ -132,6 +132,10 @@ class Esp:
         """The request bodies that carry ``events``: one per event unless the ESP batches."""
         return list(events)
 
+    def redelivered(self, body: dict) -> dict:
+        """``body`` as the ESP posts it again (a retry): the same, unless it signs each POST."""
+        return body
+
     def request(self, body) -> dict:
         return {"data": json.dumps(body), "content_type": "application/json"}
 
@@ -224,6 +228,13 @@ def mailgun_signature(token: str, timestamp: str, key: str = MAILGUN_SIGNING_KEY
     return hmac.new(key.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
 
 
+def mailgun_signed(at: float | None = None, token: str | None = None) -> dict:
+    """A Mailgun signature block made at ``at`` (now), with a fresh token."""
+    stamp = str(int(time.time() if at is None else at))
+    token = token or secrets.token_hex(25)
+    return {"timestamp": stamp, "token": token, "signature": mailgun_signature(token, stamp)}
+
+
 class Mailgun(Esp):
     """Webhooks v2: {"signature": {timestamp, token, signature}, "event-data": {...}},
     HMAC-SHA256 of timestamp+token with the webhook signing key; the token is the event
@@ -238,8 +249,6 @@ class Mailgun(Esp):
     def event(self, kind, message, *, recipient=None, at=None, metadata=True):
         at = when(at)
         email = recipient or message.to_email
-        token = secrets.token_hex(25)
-        stamp = str(int(at.timestamp()))
         client_info = {
             "client-type": "browser",
             "client-os": "Linux",
@@ -330,11 +339,12 @@ class Mailgun(Esp):
                 },
             }[kind]
         )
-        signed = mailgun_signature(token, stamp)
-        return {
-            "signature": {"timestamp": stamp, "token": token, "signature": signed},
-            "event-data": data,
-        }
+        return self.redelivered({"event-data": data})
+
+    def redelivered(self, body):
+        """Mailgun signs each POST when it makes it, a retry too: the time now and a fresh
+        token (the event data keeps its own id and time)."""
+        return {**body, "signature": mailgun_signed()}
 
 
 class Postmark(Esp):
@@ -808,7 +818,7 @@ def test_same_batch_twice_adds_nothing(client, esp):
     assert status(queued) == MessageStatus.CANCELLED
     assert suppressions(soft_address) == {("all", "soft_bounce")}
 
-    assert_ok(esp.post(client, batch))
+    assert_ok(esp.post(client, [esp.redelivered(body) for body in batch]))
     assert state() == first
 
 
@@ -1160,3 +1170,360 @@ def test_sendgrid_batch_of_500_events_in_one_post(client):
     (response,) = esp.post(client, batch)
     assert response.status_code == 200
     assert state() == before
+
+
+# --- Hostile input ------------------------------------------------------------------------
+#
+# What an attacker who knows (or guesses) the webhook URL, or holds the credentials but
+# not the ESP's good faith, posts: each gets a 4xx, and changes nothing.
+
+
+def hostile_request(esp: Esp, body: bytes) -> dict:
+    """``body`` as the ESP would deliver it: content type and, for SNS, its headers."""
+    if isinstance(esp, AmazonSES):
+        return {
+            "data": body,
+            "content_type": "text/plain; charset=utf-8",  # as is: the test client keeps it
+            "HTTP_X_AMZ_SNS_MESSAGE_TYPE": "Notification",
+            "HTTP_X_AMZ_SNS_MESSAGE_ID": "1",
+        }
+    return {"data": body, "content_type": "application/json"}
+
+
+#: Bodies that are not JSON, or JSON of no ESP's shape.
+RAW_BODIES = {
+    "not-json": b"{not json",
+    "empty": b"",
+    "not-utf8": b'\xff\xfe{"event": "bounce"}',
+    "nested-50000-deep": b"[" * 50000 + b"]" * 50000,
+    "null": b"null",
+    "number": b"42",
+    "string": b'"bounce"',
+    "list-of-numbers": b"[1, 2, 3]",
+    "unknown-object": b'{"unexpected": true}',
+}
+
+
+@pytest.fixture
+def bystander():
+    """A sent message and a queued one that no hostile request may touch."""
+    sent = sent_message(to_email="bystander@example.org")
+    queued = MessageFactory(to_email="bystander@example.org", kind=Kind.CAMPAIGN)
+    return sent, queued
+
+
+def assert_untouched(before, bystander) -> None:
+    assert state() == before
+    sent, queued = bystander
+    assert (status(sent), status(queued)) == (MessageStatus.SENT, MessageStatus.QUEUED)
+
+
+@pytest.mark.parametrize("esp", [pytest.param(esp, id=esp.name) for esp in ESPS])
+@pytest.mark.parametrize("name", list(RAW_BODIES))
+def test_a_body_of_no_esp_shape_gets_400_even_with_the_credentials(client, esp, name, bystander):
+    before = state()
+
+    response = client.post(
+        esp.url, **hostile_request(esp, RAW_BODIES[name]), HTTP_AUTHORIZATION=AUTH
+    )
+
+    assert response.status_code == 400, response.content[:300]
+    assert_untouched(before, bystander)
+
+
+def signed_for(esp: Esp, body) -> bytes:
+    """``body`` as a validly authenticated request carries it (Mailgun: signed now)."""
+    if isinstance(esp, Mailgun):
+        body = {"signature": mailgun_signed(), "event-data": body}
+    elif isinstance(esp, AmazonSES):
+        body = {
+            "Type": "Notification",
+            "MessageId": "1",
+            "Timestamp": iso(timezone.now()),
+            "Message": body if isinstance(body, str) else json.dumps(body),
+        }
+    return json.dumps(body).encode()
+
+
+#: Payloads of the right envelope whose fields have the wrong shapes, per ESP: each
+#: mutates the ESP's own raw hard bounce for the bystander.
+def _ses(change):
+    def mutate(body):
+        ses = json.loads(body["Message"])
+        change(ses)
+        body["Message"] = json.dumps(ses)
+
+    return mutate
+
+
+WRONG_SHAPES = {
+    "sendgrid": {
+        "names-nobody": lambda b: b.clear() or b.update(event="bounce"),
+        "recipient-is-an-object": lambda b: b.__setitem__("email", {"addr": "x@example.org"}),
+        "timestamp-is-text": lambda b: b.__setitem__("timestamp", "yesterday"),
+        "timestamp-overflows": lambda b: b.__setitem__("timestamp", 10**20),
+        "event-is-a-list": lambda b: b.__setitem__("event", ["bounce"]),
+        "our-id-is-an-object": lambda b: b.__setitem__("mailer_message_id", {"$ne": None}),
+        "category-is-a-number": lambda b: b.__setitem__("category", 7),
+    },
+    "mailgun": {
+        "event-data-is-a-list": lambda b: b.__setitem__("event-data", []),
+        "recipient-is-a-number": lambda b: b["event-data"].__setitem__("recipient", 5),
+        "timestamp-is-text": lambda b: b["event-data"].__setitem__("timestamp", "yesterday"),
+        "timestamp-overflows": lambda b: b["event-data"].__setitem__("timestamp", 1e300),
+        "event-is-a-list": lambda b: b["event-data"].__setitem__("event", ["failed"]),
+        "user-variables-is-a-list": lambda b: b["event-data"].__setitem__("user-variables", [1]),
+        "message-is-text": lambda b: b["event-data"].__setitem__("message", "x"),
+        "tags-is-text": lambda b: b["event-data"].__setitem__("tags", "a,b"),
+    },
+    "postmark": {
+        "recipient-is-a-list": lambda b: b.__setitem__("Email", ["x@example.org"]),
+        "record-type-is-a-list": lambda b: b.__setitem__("RecordType", ["Bounce"]),
+        "metadata-is-a-list": lambda b: b.__setitem__("Metadata", ["x"]),
+        "message-id-is-an-object": lambda b: b.__setitem__("MessageID", {"a": 1}),
+        "bounced-at-is-a-number": lambda b: b.__setitem__("BouncedAt", 12),
+        "inbound-on-tracking": lambda b: b.pop("RecordType") and b.__setitem__("FromFull", {}),
+    },
+    "amazon_ses": {
+        "message-not-json": lambda b: b.__setitem__("Message", "{not json"),
+        "mail-is-text": _ses(lambda s: s.__setitem__("mail", "x")),
+        "recipients-is-text": _ses(lambda s: s["bounce"].__setitem__("bouncedRecipients", "x")),
+        "recipient-is-a-number": _ses(
+            lambda s: s["bounce"]["bouncedRecipients"][0].__setitem__("emailAddress", 5)
+        ),
+        "headers-are-text": _ses(lambda s: s["mail"].__setitem__("headers", "x")),
+        "message-is-a-number": lambda b: b.__setitem__("Message", 42),
+    },
+    "brevo": {
+        "recipient-is-a-number": lambda b: b.__setitem__("email", 5),
+        "custom-not-json": lambda b: b.__setitem__("X-Mailin-custom", "{not json"),
+        "custom-is-a-list": lambda b: b.__setitem__("X-Mailin-custom", "[1]"),
+        "epoch-is-text": lambda b: b.__setitem__("ts_epoch", "yesterday"),
+        "event-is-a-list": lambda b: b.__setitem__("event", ["hard_bounce"]),
+        "inbound-on-tracking": lambda b: b.__setitem__("items", []),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "esp,name",
+    [
+        pytest.param(esp, name, id=f"{esp.name}-{name}")
+        for esp in ESPS
+        for name in WRONG_SHAPES[esp.name]
+    ],
+)
+def test_an_event_of_the_wrong_shape_gets_400_and_nothing_of_the_batch_is_kept(
+    client, esp, name, bystander
+):
+    sent, _queued = bystander
+    raw = esp.event(HARD, sent)
+    if isinstance(esp, Mailgun):
+        raw = raw["event-data"]
+        body = {"event-data": raw}
+        WRONG_SHAPES[esp.name][name](body)
+        payload = signed_for(esp, body["event-data"])
+    elif isinstance(esp, AmazonSES):
+        WRONG_SHAPES[esp.name][name](raw)
+        payload = json.dumps(raw).encode()
+    elif isinstance(esp, SendGrid):
+        good = esp.event(DELIVERED, sent)  # a well-formed event in the same batch
+        WRONG_SHAPES[esp.name][name](raw)
+        payload = json.dumps([good, raw]).encode()
+    else:
+        WRONG_SHAPES[esp.name][name](raw)
+        payload = json.dumps(raw).encode()
+    before = state()
+
+    response = client.post(esp.url, **hostile_request(esp, payload), HTTP_AUTHORIZATION=AUTH)
+
+    assert response.status_code == 400, response.content[:300]
+    assert_untouched(before, bystander)
+
+
+# --- An event about someone else's message ------------------------------------------------
+
+
+@pytest.mark.parametrize("esp", esps_with(HARD, COMPLAINT))
+@pytest.mark.parametrize("by", ["our-id", "provider-id"])
+def test_an_event_naming_another_recipient_moves_and_suppresses_nothing(client, esp, by):
+    """A bounce for a@x carrying b's ids: b's message stays as it was, b's address is not
+    suppressed, and nor is a@x on an event that contradicts itself."""
+    victim = sent_message(esp, to_email="b@example.org")
+    waiting = MessageFactory(to_email="b@example.org", kind=Kind.CAMPAIGN)
+    before = state()
+    events = [
+        esp.event(kind, victim, recipient="a@example.net", metadata=by == "our-id")
+        for kind in (HARD, COMPLAINT)
+    ]
+    if by == "our-id" and not isinstance(esp, SendGrid | AmazonSES):
+        for event in events:  # and a provider id that points nowhere
+            _set_provider_id(esp, event, "<nowhere@example.invalid>")
+
+    assert_ok(esp.post(client, events))
+
+    assert state() == before
+    assert (status(victim), status(waiting)) == (MessageStatus.SENT, MessageStatus.QUEUED)
+    assert not Suppression.objects.exists()
+
+
+def _set_provider_id(esp: Esp, event: dict, value: str) -> None:
+    if isinstance(esp, Mailgun):
+        event["event-data"]["message"]["headers"]["message-id"] = value.strip("<>")
+    elif isinstance(esp, Postmark):
+        event["MessageID"] = value
+    elif isinstance(esp, Brevo):
+        event["message-id"] = value
+
+
+@pytest.mark.parametrize("esp", esps_with(HARD))
+def test_an_internationalised_domain_in_either_form_is_the_same_recipient(client, esp):
+    message = sent_message(esp, to_email="reader@bücher.example")
+
+    assert_ok(
+        esp.post(client, [esp.event(HARD, message, recipient="Reader@xn--bcher-kva.example")])
+    )
+
+    assert status(message) == MessageStatus.BOUNCED
+
+
+# --- Mailgun's signature: fresh, and once ----------------------------------------------------
+
+
+def mailgun_post(client, body: dict):
+    return client.post(
+        Mailgun.url, data=json.dumps(body), content_type="application/json", HTTP_AUTHORIZATION=AUTH
+    )
+
+
+@pytest.mark.parametrize(
+    "signed_at",
+    [
+        pytest.param(datetime(2020, 3, 1, tzinfo=UTC).timestamp(), id="from-2020"),
+        pytest.param(time.time() - 301, id="five-minutes-old"),
+        pytest.param(time.time() + 3600, id="an-hour-ahead"),
+    ],
+)
+def test_mailgun_refuses_a_stale_or_future_signature(client, bystander, signed_at):
+    sent, _ = bystander
+    body = Mailgun().event(HARD, sent)
+    body["signature"] = mailgun_signed(at=signed_at)
+    before = state()
+
+    response = mailgun_post(client, body)
+
+    assert response.status_code == 400
+    assert_untouched(before, bystander)
+
+
+@pytest.mark.parametrize("stamp", ["yesterday", "", "nan", "inf", "1e400"])
+def test_mailgun_refuses_a_signed_timestamp_that_is_no_time(client, bystander, stamp):
+    """Even correctly signed (as if by Mailgun): a time that is no number is refused."""
+    sent, _ = bystander
+    body = Mailgun().event(HARD, sent)
+    token = secrets.token_hex(25)
+    body["signature"] = {
+        "timestamp": stamp,
+        "token": token,
+        "signature": mailgun_signature(token, stamp),
+    }
+    before = state()
+
+    assert mailgun_post(client, body).status_code == 400
+    assert_untouched(before, bystander)
+
+
+def test_mailgun_accepts_a_signature_a_few_minutes_old(client):
+    message = sent_message(Mailgun())
+    body = Mailgun().event(HARD, message)
+    body["signature"] = mailgun_signed(at=time.time() - 240)
+
+    assert mailgun_post(client, body).status_code == 200
+    assert status(message) == MessageStatus.BOUNCED
+
+
+def test_mailgun_token_used_twice_with_other_event_data_is_refused(client):
+    """The 2020 attack: one captured signature carried two different events."""
+    first = sent_message(Mailgun(), to_email="first@example.org")
+    second = sent_message(Mailgun(), to_email="second@example.org")
+    signature = mailgun_signed()
+    body_one = {**Mailgun().event(HARD, first), "signature": signature}
+    body_two = {**Mailgun().event(HARD, second), "signature": signature}
+
+    assert mailgun_post(client, body_one).status_code == 200
+    after_first = state()
+    response = mailgun_post(client, body_two)
+
+    assert response.status_code == 400
+    assert state() == after_first
+    assert status(second) == MessageStatus.SENT
+    assert suppressions("second@example.org") == set()
+    assert suppressions("first@example.org") == {("all", "hard_bounce")}
+
+
+def test_mailgun_same_request_replayed_is_refused(client):
+    message = sent_message(Mailgun())
+    body = Mailgun().event(COMPLAINT, message)
+
+    assert mailgun_post(client, body).status_code == 200
+    after = state()
+    assert mailgun_post(client, body).status_code == 400
+    assert state() == after
+
+
+def test_mailgun_legacy_form_post_with_a_stale_signature_is_refused(client, bystander):
+    sent, _ = bystander
+    signature = mailgun_signed(at=datetime(2020, 3, 1, tzinfo=UTC).timestamp())
+    before = state()
+
+    response = client.post(
+        Mailgun.url,
+        {**signature, "event": "bounced", "recipient": sent.to_email, "code": "550"},
+        HTTP_AUTHORIZATION=AUTH,
+    )
+
+    assert response.status_code == 400
+    assert_untouched(before, bystander)
+
+
+def test_mailgun_without_a_reachable_store_answers_503_and_keeps_nothing(
+    client, settings, bystander
+):
+    """Fail safe: a signature that cannot be checked is not accepted; Mailgun retries (a
+    503 is no 406), and the retry, signed anew, is recorded once the store answers."""
+    sent, _ = bystander
+    settings.MAILER = {**settings.MAILER, "REDIS_URL": f"redis://127.0.0.1:{_closed_port()}/0"}
+    body = Mailgun().event(HARD, sent)
+    before = state()
+
+    response = mailgun_post(client, body)
+
+    assert response.status_code == 503
+    assert_untouched(before, bystander)
+
+    settings.MAILER = {k: v for k, v in settings.MAILER.items() if k != "REDIS_URL"}
+    assert mailgun_post(client, Mailgun().redelivered(body)).status_code == 200
+    assert status(sent) == MessageStatus.BOUNCED
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when this returns: nothing listens
+
+
+def test_mailgun_tokens_are_remembered_in_the_database_without_redis(client, settings):
+    settings.MAILER = {**settings.MAILER, "REDIS_URL": None}
+    settings.CELERY_BROKER_URL = "memory://"
+    message = sent_message(Mailgun())
+    body = Mailgun().event(HARD, message)
+    WebhookSignature.objects.create(key="mailgun:expired", expires_at=timezone.now())
+
+    assert mailgun_post(client, body).status_code == 200
+    assert mailgun_post(client, body).status_code == 400
+    assert list(WebhookSignature.objects.values_list("key", flat=True)) == [
+        "mailgun:" + hashlib.sha256(body["signature"]["token"].encode()).hexdigest()
+    ]  # the expired row was pruned; the token is stored hashed
+    assert Event.objects.count() == 1

@@ -6,7 +6,7 @@ from django.core import signing
 from django.urls import reverse
 from django.utils import timezone
 
-from . import api, conf
+from . import api, conf, tokens
 from .contacts import contact_for_user
 from .exceptions import MailerError
 from .models import Contact, Message
@@ -25,21 +25,42 @@ def absolute_url(path: str, request=None) -> str:
 
 
 def verification_token(contact: Contact) -> str:
-    """Signed and timestamped; bound to the address so it cannot verify another one."""
-    return signing.dumps({"c": contact.pk, "e": contact.email}, salt=_VERIFY_SALT, compress=True)
+    """Timestamped, bound to the address so it cannot verify another one, and encrypted
+    so the link shows no address."""
+    return tokens.seal({"c": contact.pk, "e": contact.email}, salt=_VERIFY_SALT)
 
 
-def verify_email(token: str) -> Contact:
-    """Mark the contact behind a verification link verified; idempotent."""
+def read_verification_token(token: str) -> Contact:
+    """The contact a verification link is for; changes nothing."""
+    max_age = conf.get("VERIFY_MAX_AGE")
     try:
-        data = signing.loads(token, salt=_VERIFY_SALT, max_age=conf.get("VERIFY_MAX_AGE"))
+        data = tokens.unseal(token, salt=_VERIFY_SALT, max_age=max_age)
+    except tokens.ExpiredToken:
+        raise InvalidVerificationLink("This verification link has expired.") from None
+    except tokens.BadToken:
+        data = _read_signed_token(token, max_age)
+    contact = Contact.objects.filter(pk=data.get("c"), email=data.get("e")).first()
+    if contact is None:
+        raise InvalidVerificationLink("This verification link is for an address we no longer have.")
+    return contact
+
+
+def _read_signed_token(token: str, max_age: int) -> dict:
+    """The signed (readable) links sent before they were encrypted, while they last."""
+    try:
+        data = signing.loads(token, salt=_VERIFY_SALT, max_age=max_age)
     except signing.SignatureExpired:
         raise InvalidVerificationLink("This verification link has expired.") from None
     except signing.BadSignature:
         raise InvalidVerificationLink("This verification link is not valid.") from None
-    contact = Contact.objects.filter(pk=data.get("c"), email=data.get("e")).first()
-    if contact is None:
-        raise InvalidVerificationLink("This verification link is for an address we no longer have.")
+    if not isinstance(data, dict) or not isinstance(data.get("c"), int):
+        raise InvalidVerificationLink("This verification link is not valid.")
+    return data
+
+
+def verify_email(token: str) -> Contact:
+    """Mark the contact behind a verification link verified; idempotent."""
+    contact = read_verification_token(token)
     if contact.verified_at is None:
         contact.verified_at = timezone.now()
         contact.save(update_fields=["verified_at", "updated_at"])

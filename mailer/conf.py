@@ -423,6 +423,11 @@ def debug() -> bool:
     return bool(settings.DEBUG)
 
 
+def secret_keys() -> list[str]:
+    """SECRET_KEY first (new tokens), then SECRET_KEY_FALLBACKS (tokens still read)."""
+    return [settings.SECRET_KEY, *(getattr(settings, "SECRET_KEY_FALLBACKS", []) or [])]
+
+
 def webhook_max_age() -> float:
     """WEBHOOK_MAX_AGE in seconds; a positive number, or the window means nothing."""
     value = get("WEBHOOK_MAX_AGE")

@@ -11,14 +11,17 @@ from django.core import signing
 from django.db import transaction
 from django.utils import timezone
 
-from . import compose
+from . import compose, tokens
 from .exceptions import MailerError
 from .models import Contact, Event, Message, Suppression
 from .suppressions import resubscribe, suppress
 
 logger = logging.getLogger(__name__)
 
-_TOKEN_IN_TEXT = re.compile(r"\.?[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+")
+# Today's encrypted tokens, then the signed ones of mail sent before them.
+_TOKEN_IN_TEXT = re.compile(
+    rf"{tokens.TOKEN_PATTERN}|\.?[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+:[A-Za-z0-9_\-]+"
+)
 
 
 class InvalidUnsubscribeToken(MailerError):
@@ -32,14 +35,30 @@ class Target:
 
 
 def read_token(token: str) -> Target:
+    """The address (and message) behind an unsubscribe link; links work for years."""
     try:
-        data = signing.loads(
-            token, salt=compose.UNSUBSCRIBE_SALT
-        )  # no max_age: links work for years
+        data = tokens.unseal(token, salt=compose.UNSUBSCRIBE_SALT)
+    except tokens.BadToken:
+        data = _read_signed_token(token)
+    email, message = data.get("e"), data.get("m")
+    try:
+        if not isinstance(email, str) or not email:
+            raise ValueError(email)
+        return Target(email=email, message_uuid=uuid.UUID(message) if message else None)
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidUnsubscribeToken("This unsubscribe link is not valid.") from None
+
+
+def _read_signed_token(token: str) -> dict:
+    """The signed (readable) tokens mailer made before they were encrypted: mail already
+    sent carries them, and an unsubscribe link must keep working."""
+    try:
+        data = signing.loads(token, salt=compose.UNSUBSCRIBE_SALT)
     except signing.BadSignature:
         raise InvalidUnsubscribeToken("This unsubscribe link is not valid.") from None
-    message = data.get("m")
-    return Target(email=data["e"], message_uuid=uuid.UUID(message) if message else None)
+    if not isinstance(data, dict):
+        raise InvalidUnsubscribeToken("This unsubscribe link is not valid.")
+    return data
 
 
 def unsubscribe(target: Target, *, source: str) -> bool:

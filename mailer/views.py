@@ -10,16 +10,26 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
 from . import tracking, unsubscribe
-from .accounts import InvalidVerificationLink, verify_email
+from .accounts import InvalidVerificationLink, read_verification_token, verify_email
 from .models import Event
 
 
+@csrf_exempt  # the token is the credential; a link opened in another browser has no cookie
+@never_cache
+@require_http_methods(["GET", "POST"])
 def verify_email_view(request: HttpRequest, token: str) -> HttpResponse:
+    """GET asks for confirmation and changes nothing: link scanners follow every URL, and
+    would otherwise verify addresses nobody confirmed. The button POSTs."""
     try:
-        contact = verify_email(token)
+        if request.method == "POST":
+            contact = verify_email(token)
+        else:
+            contact = read_verification_token(token)
     except InvalidVerificationLink as exc:
         return render(request, "mailer/pages/verify_failed.html", {"reason": str(exc)}, status=400)
-    return render(request, "mailer/pages/verified.html", {"contact": contact})
+    if request.method == "POST":
+        return render(request, "mailer/pages/verified.html", {"contact": contact})
+    return render(request, "mailer/pages/verify_confirm.html", {"contact": contact, "token": token})
 
 
 @csrf_exempt  # RFC 8058: mail clients POST with no cookie and no CSRF token

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from urllib.parse import urlsplit
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core import signing
+from django.test import Client
 
 from mailer.models import Contact, Message, MessageStatus, Suppression
 from mailer.signals import user_registered
@@ -81,24 +84,45 @@ def test_registration_links_an_existing_contact():
     assert Message.objects.get(template_slug="welcome").language == "fr"
 
 
-def test_verify_link_confirms_the_address(client):
+def test_verify_link_confirms_the_address_with_the_button(client):
     user = UserFactory(username="ada", email="ada@example.com")
     register(user)
 
-    response = client.get(path_of(verify_url(user)))
+    response = client.post(path_of(verify_url(user)))
 
     assert response.status_code == 200
     assert b"ada@example.com" in response.content
     assert Contact.objects.get(email="ada@example.com").verified_at is not None
 
 
+def test_opening_the_verify_link_only_asks_for_confirmation(client):
+    """Link scanners GET (and HEAD) every URL in an email: none of it verifies."""
+    user = UserFactory(username="ada", email="ada@example.com")
+    register(user)
+    path = path_of(verify_url(user))
+
+    page = client.get(path)
+    scanner = Client(HTTP_USER_AGENT="Mimecast LinkScanner").get(path)
+    head = client.head(path)
+
+    assert page.status_code == 200
+    assert b"Confirm ada@example.com?" in page.content
+    assert f'<form method="post" action="{path}">'.encode() in page.content
+    assert scanner.status_code == 200
+    assert head.status_code == 405
+    assert Contact.objects.get(email="ada@example.com").verified_at is None
+    # The button posts without a CSRF cookie: the link may open in another browser.
+    assert Client(enforce_csrf_checks=True).post(path).status_code == 200
+    assert Contact.objects.get(email="ada@example.com").verified_at is not None
+
+
 def test_verify_link_works_twice_and_keeps_the_first_time(client):
     user = UserFactory(username="ada", email="ada@example.com")
     register(user)
-    client.get(path_of(verify_url(user)))
+    client.post(path_of(verify_url(user)))
     first = Contact.objects.get(email="ada@example.com").verified_at
 
-    assert client.get(path_of(verify_url(user))).status_code == 200
+    assert client.post(path_of(verify_url(user))).status_code == 200
     assert Contact.objects.get(email="ada@example.com").verified_at == first
 
 
@@ -109,10 +133,10 @@ def test_tampered_verify_link_is_refused(client):
     token = path.rstrip("/").rsplit("/", 1)[1]
     tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
 
-    response = client.get(path.replace(token, tampered))
-
-    assert response.status_code == 400
-    assert b"not valid" in response.content
+    for method in (client.get, client.post):
+        response = method(path.replace(token, tampered))
+        assert response.status_code == 400
+        assert b"not valid" in response.content
     assert Contact.objects.get(email="ada@example.com").verified_at is None
 
 
@@ -122,7 +146,7 @@ def test_expired_verify_link_is_refused(client, settings):
     settings.MAILER = {**settings.MAILER, "VERIFY_MAX_AGE": 0}
     time.sleep(1.1)  # signing timestamps count whole seconds
 
-    response = client.get(path_of(verify_url(user)))
+    response = client.post(path_of(verify_url(user)))
 
     assert response.status_code == 400
     assert b"expired" in response.content
@@ -134,8 +158,32 @@ def test_verify_link_for_a_changed_address_is_refused(client):
     register(user)
     Contact.objects.filter(email="ada@example.com").update(email="ada@new.example")
 
-    assert client.get(path_of(verify_url(user))).status_code == 400
+    assert client.post(path_of(verify_url(user))).status_code == 400
     assert Contact.objects.get().verified_at is None
+
+
+def test_verify_link_carries_no_readable_address():
+    user = UserFactory(username="ada", email="ada.lovelace@example.com")
+    register(user)
+
+    token = path_of(verify_url(user)).rstrip("/").rsplit("/", 1)[1]
+    decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("latin-1")
+    for text in (token, decoded):
+        assert "lovelace" not in text.lower() and "example.com" not in text.lower()
+
+
+def test_verify_links_sent_before_they_were_encrypted_still_work(client):
+    user = UserFactory(username="ada", email="ada@example.com")
+    register(user)
+    contact = Contact.objects.get(email="ada@example.com")
+    old = signing.dumps(
+        {"c": contact.pk, "e": contact.email}, salt="mailer.accounts.verify-email", compress=True
+    )
+
+    assert client.get(f"/mailer/verify/{old}/").status_code == 200
+    assert Contact.objects.get().verified_at is None
+    assert client.post(f"/mailer/verify/{old}/").status_code == 200
+    assert Contact.objects.get().verified_at is not None
 
 
 def test_demo_registration_page_creates_user_and_queues_two_messages(client):

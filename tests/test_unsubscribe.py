@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from email.utils import parseaddr
 from unittest import mock
@@ -10,9 +11,10 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from anymail.inbound import AnymailInboundMessage
 from anymail.signals import AnymailInboundEvent, inbound
+from django.core import signing
 from django.test import Client
 
-from mailer import api, compose, delivery, unsubscribe
+from mailer import api, compose, delivery, tokens, unsubscribe
 from mailer.models import Contact, Event, Kind, Message, MessageStatus, Suppression, Template
 
 from .factories import MessageFactory
@@ -119,12 +121,17 @@ def test_posting_twice_is_harmless():
     "mangle",
     [
         lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # signature altered
-        lambda t: (
-            compose.unsubscribe_token("other@example.com").split(":")[0] + ":" + t.split(":", 1)[1]
+        lambda t: t[:40] + ("A" if t[40] != "A" else "B") + t[41:],  # ciphertext altered
+        lambda t: t[:-30],  # cut short
+        lambda t: (  # an old signed token's signature on another address's payload
+            legacy_token("other@example.com").split(":")[0]
+            + ":"
+            + legacy_token("reader@example.com").split(":", 1)[1]
         ),
         lambda t: "not-a-token",
+        lambda t: "gAAAAA" + "A" * 120,  # shaped like a token, made by nobody
     ],
-    ids=["bad-signature", "moved-to-another-address", "garbage"],
+    ids=["bad-signature", "altered", "truncated", "moved-to-another-address", "garbage", "forged"],
 )
 def test_tampered_token_gets_400_and_suppresses_nobody(mangle):
     token = mangle(compose.unsubscribe_token("reader@example.com"))
@@ -138,11 +145,62 @@ def test_tampered_token_gets_400_and_suppresses_nobody(mangle):
     assert not Suppression.objects.exists()
 
 
-def test_tokens_from_other_features_are_not_unsubscribe_tokens():
-    from django.core import signing
+def legacy_token(address: str, message_uuid=None) -> str:
+    """An unsubscribe token as mailer made them before they were encrypted."""
+    payload = {"e": address, **({"m": message_uuid.hex} if message_uuid else {})}
+    return signing.dumps(payload, salt=compose.UNSUBSCRIBE_SALT)
 
+
+def test_tokens_from_other_features_are_not_unsubscribe_tokens():
     forged = signing.dumps({"e": "reader@example.com"}, salt="mailer.accounts.verify-email")
-    assert Client().post(f"/mailer/unsubscribe/{forged}/").status_code == 400
+    sealed = tokens.seal({"e": "reader@example.com"}, salt="mailer.accounts.verify-email")
+    for token in (forged, sealed):
+        assert Client().post(f"/mailer/unsubscribe/{token}/").status_code == 400
+    assert not Suppression.objects.exists()
+
+
+def test_unsubscribe_links_carry_no_readable_address(smtp, broker, newsletter):
+    """Neither the URL nor any decoding of its token shows the address."""
+    _message, email = sent_marketing_email(smtp, newsletter, "reader.name@example.com")
+
+    https_url, mailto = [p.strip().strip("<>") for p in email["List-Unsubscribe"].split(",")]
+    token = urlparse(https_url).path.split("/")[-2]
+    padded = token + "=" * (-len(token) % 4)
+    decodings = [token, unquote(mailto), base64.urlsafe_b64decode(padded).decode("latin-1")]
+    for text in decodings:
+        assert "reader" not in text.lower() and "example.com" not in text.lower(), text
+    assert unsubscribe.read_token(token).email == "reader.name@example.com"
+    # Two links to one address differ (a random IV): a token says nothing about another.
+    assert compose.unsubscribe_token("reader.name@example.com") != compose.unsubscribe_token(
+        "reader.name@example.com"
+    )
+
+
+def test_links_of_mail_sent_before_tokens_were_encrypted_still_unsubscribe():
+    message = marketing_message()
+    token = legacy_token(message.to_email, message.uuid)
+
+    assert Client().get(f"/mailer/unsubscribe/{token}/").status_code == 200
+    assert Client().post(f"/mailer/unsubscribe/{token}/").status_code == 200
+
+    assert Suppression.objects.get(email="reader@example.com").reason == "unsubscribe"
+    assert Event.objects.get(event_type=Event.Type.UNSUBSCRIBED).message_id == message.pk
+
+
+def test_links_made_under_a_rotated_secret_key_still_work(settings):
+    token = compose.unsubscribe_token("reader@example.com")
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "a-new-secret-key-after-rotation"
+
+    assert Client().post(f"/mailer/unsubscribe/{token}/").status_code == 200
+    assert Suppression.objects.filter(email="reader@example.com").exists()
+
+
+def test_links_made_under_a_key_no_longer_trusted_are_refused(settings):
+    token = compose.unsubscribe_token("reader@example.com")
+    settings.SECRET_KEY = "a-new-secret-key-after-rotation"
+
+    assert Client().post(f"/mailer/unsubscribe/{token}/").status_code == 400
     assert not Suppression.objects.exists()
 
 
@@ -256,6 +314,18 @@ def test_reply_to_the_unsubscribe_mailto_unsubscribes():
     assert suppression.scope == "marketing"
     assert suppression.source == "mailto via Mailgun"
     assert parseaddr(message["From"])[1] == "reader@example.com"
+
+
+def test_reply_quoting_an_old_signed_token_unsubscribes_too():
+    message = AnymailInboundMessage.construct(
+        subject=f"Re: unsubscribe {legacy_token('reader@example.com')}", text="> quoted"
+    )
+    inbound.send(
+        sender=object,
+        event=AnymailInboundEvent(event_type="inbound", message=message),
+        esp_name="Mailgun",
+    )
+    assert Suppression.objects.get(email="reader@example.com").scope == "marketing"
 
 
 def test_inbound_mail_without_a_token_changes_nothing():

@@ -1,10 +1,18 @@
-"""The account emails: welcome, email verification and password reset."""
+"""The account emails: welcome, email verification and password reset.
+
+Every link in them is built from SITE_URL, never from the request: the Host header is the
+client's to choose, and a forged one would send a user a link to someone else's site.
+"""
 
 from __future__ import annotations
 
+from django.contrib.auth.forms import PasswordResetForm
+from django.contrib.auth.tokens import default_token_generator
 from django.core import signing
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 
 from . import api, conf, tokens
 from .contacts import contact_for_user
@@ -18,9 +26,8 @@ class InvalidVerificationLink(MailerError):
     """The verification link is forged, altered, expired or for another address."""
 
 
-def absolute_url(path: str, request=None) -> str:
-    if request is not None:
-        return request.build_absolute_uri(path)
+def absolute_url(path: str) -> str:
+    """``path`` under SITE_URL."""
     return conf.get("SITE_URL").rstrip("/") + path
 
 
@@ -67,7 +74,7 @@ def verify_email(token: str) -> Contact:
     return contact
 
 
-def welcome(user, *, request=None) -> list[Message]:
+def welcome(user) -> list[Message]:
     """Link the user's contact and send welcome + verification, once per user."""
     contact = contact_for_user(user)
     user_name = user.get_short_name() or user.get_username()
@@ -76,7 +83,7 @@ def welcome(user, *, request=None) -> list[Message]:
         api.send(
             "welcome",
             to=contact.email,
-            context={"user_name": user_name, "login_url": absolute_url("/", request)},
+            context={"user_name": user_name, "login_url": absolute_url("/")},
             idempotency_key=f"welcome:{user.pk}",
         ),
         api.send(
@@ -84,7 +91,7 @@ def welcome(user, *, request=None) -> list[Message]:
             to=contact.email,
             context={
                 "user_name": user_name,
-                "verify_url": absolute_url(verify_path, request),
+                "verify_url": absolute_url(verify_path),
                 "expires_hours": conf.get("VERIFY_MAX_AGE") // 3600,
             },
             idempotency_key=f"verify-email:{user.pk}:{contact.email}",
@@ -92,7 +99,7 @@ def welcome(user, *, request=None) -> list[Message]:
     ]
 
 
-def send_password_reset(user, *, reset_url: str, request=None) -> Message:
+def send_password_reset(user, *, reset_url: str) -> Message:
     """The reset email; transactional, so a marketing unsubscribe never blocks it."""
     contact = contact_for_user(user)
     return api.send(
@@ -104,3 +111,21 @@ def send_password_reset(user, *, reset_url: str, request=None) -> Message:
             "expires_hours": conf.password_reset_hours(),
         },
     )
+
+
+def password_reset(email: str) -> list[Message]:
+    """Run by a worker for every reset request, known address or not: the request itself
+    only queues this, so it costs the same whether an account exists (no enumeration by
+    timing). Users as Django's own form finds them (active, with a usable password); the
+    link to Django's ``password_reset_confirm`` view, under SITE_URL."""
+    sent = []
+    for user in PasswordResetForm().get_users(email):
+        path = reverse(
+            "password_reset_confirm",
+            kwargs={
+                "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
+                "token": default_token_generator.make_token(user),
+            },
+        )
+        sent.append(send_password_reset(user, reset_url=absolute_url(path)))
+    return sent

@@ -45,4 +45,5 @@ class MailerConfig(AppConfig):
         tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)
+        checks.register(mailer_checks.check_deploy, checks.Tags.security, deploy=True)
         checks.register(webhooks.check_urls, checks.Tags.security, checks.Tags.urls)

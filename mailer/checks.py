@@ -170,3 +170,18 @@ def check_dkim() -> list[checks.CheckMessage]:
             )
         )
     return errors
+
+
+def check_deploy(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """``check --deploy``: settings that are fine on a laptop and dangerous in production."""
+    if conf.debug() or "*" not in conf.allowed_hosts():
+        return []
+    return [
+        checks.Warning(
+            "ALLOWED_HOSTS contains '*' with DEBUG off: any Host header is accepted, so "
+            "anything built from the request's host (links, redirects, cache keys) is the "
+            "client's to choose. mailer's own links use SITE_URL; a host's may not.",
+            hint="List the site's host names in ALLOWED_HOSTS.",
+            id="mailer.W003",
+        )
+    ]

@@ -340,6 +340,7 @@ TASK_QUEUES = {
     "mailer.tasks.launch_due_campaigns": "campaign",
     "mailer.tasks.campaign_housekeeping": "campaign",
     "mailer.tasks.reputation_guard": "campaign",
+    "mailer.tasks.password_reset": "transactional",
     "mailer.tasks.release_due_messages": PER_QUEUE,
     "mailer.tasks.recover_stuck_messages": PER_QUEUE,
 }
@@ -421,6 +422,10 @@ def webhook_secret() -> str | None:
 
 def debug() -> bool:
     return bool(settings.DEBUG)
+
+
+def allowed_hosts() -> list[str]:
+    return list(getattr(settings, "ALLOWED_HOSTS", []) or [])
 
 
 def secret_keys() -> list[str]:

@@ -14,11 +14,11 @@ logger = logging.getLogger(__name__)
 
 
 def on_user_registered(sender, user, request=None, **kwargs) -> None:
-    accounts.welcome(user, request=request)
+    accounts.welcome(user)
 
 
 def on_password_reset_requested(sender, user, reset_url, request=None, **kwargs) -> None:
-    accounts.send_password_reset(user, reset_url=reset_url, request=request)
+    accounts.send_password_reset(user, reset_url=reset_url)
 
 
 def on_tracking(sender, event, esp_name, **kwargs) -> None:

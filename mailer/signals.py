@@ -6,7 +6,7 @@ Each is a declaration; mailer.receivers does the work.
 from django.dispatch import Signal
 
 # A user account was created.
-# Arguments: user (the new user), request (HttpRequest or None; used for absolute URLs).
+# Arguments: user (the new user), request (HttpRequest or None; links use SITE_URL).
 # Sends the welcome and email-verification emails and creates or links the Contact.
 user_registered = Signal()
 

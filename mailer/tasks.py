@@ -5,7 +5,7 @@ Routing lives in ``mailer.conf.route_task`` (the CELERY_TASK_ROUTES of the host)
 
 from celery import shared_task
 
-from . import abtest, campaigns, delivery, outbox, reputation
+from . import abtest, accounts, campaigns, delivery, outbox, reputation
 from .models import Queue
 
 _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
@@ -57,3 +57,9 @@ def campaign_housekeeping() -> dict:
 def reputation_guard() -> bool:
     """Beat: pause marketing when bounce or complaint rates pass the thresholds."""
     return reputation.reputation_guard() is not None
+
+
+@shared_task(name="mailer.tasks.password_reset", **_RELIABLE)
+def password_reset(email: str) -> int:
+    """A reset request: send the link if an account has this address, else nothing."""
+    return len(accounts.password_reset(email))

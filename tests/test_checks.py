@@ -145,6 +145,24 @@ def check_ids(**kwargs) -> list[str]:
     return sorted(m.id for m in run_checks(**kwargs) if m.id and m.id.startswith("mailer."))
 
 
+def test_any_host_allowed_without_debug_is_deploy_warning_w003(settings):
+    settings.DEBUG = False
+    settings.ALLOWED_HOSTS = ["app.example.com", "*"]
+
+    assert "mailer.W003" in check_ids(include_deployment_checks=True)
+    assert "mailer.W003" not in check_ids()  # a deployment check only
+
+
+@pytest.mark.parametrize(
+    "debug,hosts", [(True, ["*"]), (False, ["app.example.com", ".example.com"])]
+)
+def test_listed_hosts_or_debug_raise_no_w003(settings, debug, hosts):
+    settings.DEBUG = debug
+    settings.ALLOWED_HOSTS = hosts
+
+    assert "mailer.W003" not in check_ids(include_deployment_checks=True)
+
+
 def test_anymails_own_webhook_views_are_warning_w004(settings):
     settings.ROOT_URLCONF = __name__  # this module's urlpatterns: anymail.urls as is
 

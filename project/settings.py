@@ -219,11 +219,25 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "home"
 
+# Every record leaves through the console handler, which blanks tokens in paths and
+# query strings (django.request logs the path of every 4xx). gunicorn's own access and
+# error logs: --logger-class mailer.logs.GunicornLogger (Procfile).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"redact_tokens": {"()": "mailer.logs.RedactTokens"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_tokens"],
+        }
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
-    "loggers": {"mailer": {"level": env.str("MAILER_LOG_LEVEL", default="INFO")}},
+    "loggers": {
+        "mailer": {"level": env.str("MAILER_LOG_LEVEL", default="INFO")},
+        # runserver's request lines, through the same handler
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
+    },
 }

@@ -16,7 +16,7 @@ from django.utils.http import urlsafe_base64_encode
 
 from . import api, conf, tokens
 from .contacts import contact_for_user
-from .exceptions import MailerError
+from .exceptions import ExpiredToken, InvalidToken, MailerError
 from .models import Contact, Message
 
 _VERIFY_SALT = "mailer.accounts.verify-email"
@@ -42,9 +42,9 @@ def read_verification_token(token: str) -> Contact:
     max_age = conf.get("VERIFY_MAX_AGE")
     try:
         data = tokens.unseal(token, salt=_VERIFY_SALT, max_age=max_age)
-    except tokens.ExpiredToken:
+    except ExpiredToken:
         raise InvalidVerificationLink("This verification link has expired.") from None
-    except tokens.BadToken:
+    except InvalidToken:
         data = _read_signed_token(token, max_age)
     contact = Contact.objects.filter(pk=data.get("c"), email=data.get("e")).first()
     if contact is None:

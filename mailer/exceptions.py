@@ -59,6 +59,14 @@ class InvalidWebhook(MailerError, SuspiciousOperation):
     refusal, and nothing from the request is recorded."""
 
 
+class InvalidToken(MailerError):
+    """A link's token was altered, forged, made for another purpose or under an unknown key."""
+
+
+class ExpiredToken(InvalidToken):
+    """A link's token is authentic but older than its purpose allows."""
+
+
 class WebhookStoreUnavailable(MailerError):
     """The store of seen webhook signatures cannot be reached: the request is refused
     (503, so the ESP tries again later) rather than accepted unchecked."""

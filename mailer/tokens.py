@@ -15,23 +15,16 @@ import json
 import time
 from functools import lru_cache
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import Fernet, MultiFernet
+from cryptography.fernet import InvalidToken as FernetInvalid
 from django.utils.crypto import salted_hmac
 
 from . import conf
-from .exceptions import MailerError
+from .exceptions import ExpiredToken, InvalidToken
 
 #: Every token starts so (Fernet's version byte and the high bytes of its timestamp):
 #: how a token is found in free text, such as the subject of a mailto unsubscribe.
 TOKEN_PATTERN = r"gAAAAA[A-Za-z0-9_\-]{60,}"  # noqa: S105 - a pattern
-
-
-class BadToken(MailerError):
-    """The token was altered, forged, made for another purpose or under an unknown key."""
-
-
-class ExpiredToken(BadToken):
-    """The token is authentic but older than its purpose allows."""
 
 
 def seal(data: dict, *, salt: str) -> str:
@@ -41,22 +34,22 @@ def seal(data: dict, *, salt: str) -> str:
 
 
 def unseal(token: str, *, salt: str, max_age: float | None = None) -> dict:
-    """The data of a token made by ``seal`` with this salt; BadToken or ExpiredToken."""
+    """The data of a token made by ``seal`` with this salt; InvalidToken or ExpiredToken."""
     fernet = _fernet(salt, tuple(conf.secret_keys()))
     raw = (token + "=" * (-len(token) % 4)).encode("ascii", "replace")
     try:
         payload = fernet.decrypt(raw)
         made = fernet.extract_timestamp(raw)
-    except (InvalidToken, ValueError, TypeError):
-        raise BadToken("The token is not valid.") from None
+    except (FernetInvalid, ValueError, TypeError):
+        raise InvalidToken("The token is not valid.") from None
     if max_age is not None and time.time() - made > max_age:
         raise ExpiredToken("The token has expired.")
     try:
         data = json.loads(payload)
     except ValueError:
-        raise BadToken("The token is not valid.") from None
+        raise InvalidToken("The token is not valid.") from None
     if not isinstance(data, dict):
-        raise BadToken("The token is not valid.")
+        raise InvalidToken("The token is not valid.")
     return data
 
 

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import compose, tokens
-from .exceptions import MailerError
+from .exceptions import InvalidToken, MailerError
 from .models import Contact, Event, Message, Suppression
 from .suppressions import resubscribe, suppress
 
@@ -38,7 +38,7 @@ def read_token(token: str) -> Target:
     """The address (and message) behind an unsubscribe link; links work for years."""
     try:
         data = tokens.unseal(token, salt=compose.UNSUBSCRIBE_SALT)
-    except tokens.BadToken:
+    except InvalidToken:
         data = _read_signed_token(token)
     email, message = data.get("e"), data.get("m")
     try:

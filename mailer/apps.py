@@ -12,7 +12,7 @@ class MailerConfig(AppConfig):
         from django.core import checks
 
         from . import checks as mailer_checks
-        from . import receivers, signals, webhooks
+        from . import receivers, signals
 
         signals.user_registered.connect(
             receivers.on_user_registered, dispatch_uid="mailer.user_registered"
@@ -46,4 +46,4 @@ class MailerConfig(AppConfig):
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)
         checks.register(mailer_checks.check_deploy, checks.Tags.security, deploy=True)
-        checks.register(webhooks.check_urls, checks.Tags.security, checks.Tags.urls)
+        checks.register(mailer_checks.check_webhook_urls, checks.Tags.security, checks.Tags.urls)

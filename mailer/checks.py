@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from functools import partial
 
+from anymail.webhooks.base import AnymailCoreWebhookView
 from django.core import checks
+from django.urls import URLResolver, get_resolver
 
 from . import conf, dkimsign
 from .exceptions import MailerConfigurationError
@@ -185,3 +187,36 @@ def check_deploy(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             id="mailer.W003",
         )
     ]
+
+
+def check_webhook_urls(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """The ESP webhooks the host serves are mailer's guarded views (``mailer.webhooks``),
+    not anymail's own."""
+    unguarded = sorted(
+        {
+            name or view.__name__
+            for name, view in _views(get_resolver().url_patterns)
+            if issubclass(view, AnymailCoreWebhookView)
+            and not getattr(view, "mailer_guarded", False)
+        }
+    )
+    if not unguarded:
+        return []
+    return [
+        checks.Warning(
+            f"The ESP webhooks are anymail's own views, not mailer's guarded ones "
+            f"({', '.join(unguarded)}): a malformed body answers 500, and a Mailgun "
+            "signature is accepted however old and however often it is posted.",
+            hint='Include "mailer.webhooks" instead of "anymail.urls" in your URLconf.',
+            id="mailer.W004",
+        )
+    ]
+
+
+def _views(patterns):
+    """(name, view class) of every class-based view in a URLconf, included ones too."""
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            yield from _views(pattern.url_patterns)
+        elif isinstance(getattr(pattern.callback, "view_class", None), type):
+            yield pattern.name, pattern.callback.view_class

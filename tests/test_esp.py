@@ -241,3 +241,22 @@ def test_esp_batch_size_out_of_range_is_refused(settings):
     settings.MAILER = {**settings.MAILER, "ESP_BATCH_SIZE": 0}
     with pytest.raises(MailerConfigurationError, match="ESP_BATCH_SIZE"):
         conf.esp_batch_size()
+
+
+def test_a_connection_that_dies_mid_call_loses_and_doubles_nothing(fake_esp, broker, settings):
+    mailer_settings(settings, BATCH_SIZE=50)
+    fake_esp.drop(times=1)
+    campaign_to(8)
+
+    assert delivery.drain(Kind.CAMPAIGN) == 0
+
+    assert [c.status for c in fake_esp.calls] == [-1]
+    assert {m.status for m in Message.objects.all()} == {S.QUEUED}
+    assert {m.attempts for m in Message.objects.all()} == {0}
+    assert all(m.last_error.startswith("Waiting: ESP connection") for m in Message.objects.all())
+    Message.objects.update(send_after=None)
+    transport.outage.recovered()
+
+    assert delivery.drain(Kind.CAMPAIGN) == 8
+    assert received(fake_esp) == Counter({f"m{n:03d}@example.com": 1 for n in range(8)})
+    assert not Claim.objects.exists()

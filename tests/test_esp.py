@@ -260,3 +260,25 @@ def test_a_connection_that_dies_mid_call_loses_and_doubles_nothing(fake_esp, bro
     assert delivery.drain(Kind.CAMPAIGN) == 8
     assert received(fake_esp) == Counter({f"m{n:03d}@example.com": 1 for n in range(8)})
     assert not Claim.objects.exists()
+
+
+def test_batch_calls_keep_the_queue_rate_limit(fake_esp, broker, settings):
+    # Each email of a call takes its token before the call: a call of n emails goes out
+    # once the rate allows n. Small calls, so the spacing shows at the server.
+    mailer_settings(
+        settings,
+        CONNECTIONS={"transactional": 2, "campaign": 2},
+        RATE_LIMITS={"transactional": None, "campaign": "20/s"},
+        ESP_BATCH_SIZE=3,
+    )
+    campaign_to(100)
+
+    assert delivery.drain(Kind.CAMPAIGN) == 100
+
+    assert {len(c.messages) for c in fake_esp.calls} <= {1, 2, 3}
+    times = sorted(c.at for c in fake_esp.calls for _ in c.messages)
+    # After the bucket's first burst, the two lanes together keep to 20 a second.
+    steady = times[20:]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert rate <= 20 * 1.15, f"{rate:.1f}/s"
+    assert received(fake_esp) == Counter({f"m{n:03d}@example.com": 1 for n in range(100)})

@@ -266,6 +266,28 @@ def _assert_delivered_once(outcome: Outcome, *, duplicates_allowed: int = 0) -> 
     assert outcome.left_sending == 0, outcome
 
 
+def _sigterm_finish_and_assert(stack: Stack, server, mail: Mail, figures: dict, fault: str):
+    """SIGTERM to the campaign worker's group mid-send: it exits within EXIT_SECONDS, a
+    new worker finishes, every recipient has the email once and nothing was recovered."""
+    worker = stack.workers["campaign"]
+    worker.terminate_group()
+    fault_at = time.monotonic()
+    exit_seconds = worker.wait_gone(EXIT_WAIT)
+    if exit_seconds is None:
+        worker.kill()
+        worker.wait_gone(10)
+    stack.replace("campaign")
+    outcome = _outcome(server, mail, fault_at)
+    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
+    _record(figures, mail, outcome, fault=fault, exit_seconds=shown)
+
+    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
+        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
+    )
+    _assert_delivered_once(outcome)
+    assert not Event.objects.filter(data__has_key="recovered").exists()
+
+
 # --- Worker deaths ----------------------------------------------------------------------------
 
 
@@ -314,25 +336,9 @@ def test_sigterm_stops_a_pooled_worker_within_10_s_without_loss_or_double(
     pooled_stack, start_mail, smtp, fault_figures
 ):
     mail = start_mail("campaign")
-    worker = pooled_stack.workers["campaign"]
-    _wait_mid_send(smtp, worker)
+    _wait_mid_send(smtp, pooled_stack.workers["campaign"])
 
-    worker.terminate_group()
-    fault_at = time.monotonic()
-    exit_seconds = worker.wait_gone(EXIT_WAIT)
-    if exit_seconds is None:
-        worker.kill()
-        worker.wait_gone(10)
-    pooled_stack.replace("campaign")
-    outcome = _outcome(smtp, mail, fault_at)
-    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
-    _record(fault_figures, mail, outcome, fault="SIGTERM pooled", exit_seconds=shown)
-
-    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
-        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
-    )
-    _assert_delivered_once(outcome)
-    assert not Event.objects.filter(data__has_key="recovered").exists()
+    _sigterm_finish_and_assert(pooled_stack, smtp, mail, fault_figures, "SIGTERM pooled")
 
 
 # --- Through an ESP's batch endpoint ---------------------------------------------------------
@@ -401,25 +407,9 @@ def test_sigterm_stops_a_worker_sending_batch_calls_within_10_s_without_loss_or_
 ):
     esp = _EspCounted(fake_esp)
     mail = start_mail("campaign")
-    worker = esp_stack.workers["campaign"]
-    _wait_mid_send(esp, worker)
+    _wait_mid_send(esp, esp_stack.workers["campaign"])
 
-    worker.terminate_group()
-    fault_at = time.monotonic()
-    exit_seconds = worker.wait_gone(EXIT_WAIT)
-    if exit_seconds is None:
-        worker.kill()
-        worker.wait_gone(10)
-    esp_stack.replace("campaign")
-    outcome = _outcome(esp, mail, fault_at)
-    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
-    _record(fault_figures, mail, outcome, fault="SIGTERM ESP batch calls", exit_seconds=shown)
-
-    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
-        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
-    )
-    _assert_delivered_once(outcome)
-    assert not Event.objects.filter(data__has_key="recovered").exists()
+    _sigterm_finish_and_assert(esp_stack, esp, mail, fault_figures, "SIGTERM ESP batch calls")
 
 
 SIGTERMS = [

@@ -77,14 +77,15 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             )
         )
     # The readers refuse what sending would refuse: one rule, in conf.
-    for read in [*(partial(conf.connections, queue) for queue in Queue), conf.max_open_connections]:
+    readers = [*(partial(conf.connections, queue) for queue in Queue)]
+    readers += [conf.max_open_connections, conf.esp_batch_size]
+    for read in readers:
         try:
             read()
         except MailerConfigurationError as exc:
-            hint = "Set MAILER_CAMPAIGN_CONNECTIONS, MAILER_TRANSACTIONAL_CONNECTIONS or "
-            errors.append(
-                checks.Error(str(exc), hint=hint + "MAILER_MAX_OPEN_CONNECTIONS.", id="mailer.E009")
-            )
+            hint = "Set MAILER_CAMPAIGN_CONNECTIONS, MAILER_TRANSACTIONAL_CONNECTIONS, "
+            hint += "MAILER_MAX_OPEN_CONNECTIONS or MAILER_ESP_BATCH_SIZE."
+            errors.append(checks.Error(str(exc), hint=hint, id="mailer.E009"))
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
         errors.append(
             checks.Warning(

@@ -121,6 +121,15 @@ def test_a_cap_on_open_connections_that_is_not_a_whole_number_is_error_e009(sett
     assert "mailer.E009" in [error.id for error in check_settings()]
 
 
+@pytest.mark.parametrize("value", [0, -5, "50", 2.5, False])
+def test_an_esp_batch_size_that_is_not_a_positive_whole_number_is_error_e009(settings, value):
+    from mailer.checks import check_settings
+
+    settings.MAILER = {**settings.MAILER, "ESP_BATCH_SIZE": value}
+
+    assert "mailer.E009" in [error.id for error in check_settings()]
+
+
 @pytest.mark.parametrize("value", [0, 500, "8", None])
 def test_a_connection_count_out_of_range_is_refused_not_bent_into_it(settings, value):
     from mailer import conf

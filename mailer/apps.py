@@ -45,3 +45,4 @@ class MailerConfig(AppConfig):
         tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)
+        checks.register(mailer_checks.check_host)

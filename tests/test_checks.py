@@ -142,3 +142,49 @@ def test_a_connection_count_out_of_range_is_refused_not_bent_into_it(settings, v
         conf.connections("campaign")
     assert conf.connections("transactional") == 1  # unset: one connection
     assert "mailer.E009" in [error.id for error in check_settings()]
+
+
+# --- What a host project must wire ------------------------------------------------------------
+
+
+def host_ids() -> list[str]:
+    from mailer.checks import check_host
+
+    return sorted(message.id for message in check_host())
+
+
+def test_the_demo_host_is_wired_as_a_host_must_be(settings):
+    settings.DEBUG = True
+
+    assert host_ids() == []
+
+
+def test_a_host_without_django_celery_beat_is_error_e010_before_migrate_can_crash(settings):
+    from django.test import modify_settings
+
+    with modify_settings(INSTALLED_APPS={"remove": "django_celery_beat"}):
+        assert "mailer.E010" in host_ids()
+
+
+def test_a_host_without_mailer_urls_is_error_e011(settings):
+    settings.ROOT_URLCONF = "django.contrib.auth.urls"  # a URLconf without mailer's
+
+    assert "mailer.E011" in host_ids()
+
+
+def test_a_host_without_a_celery_app_is_error_e012(monkeypatch):
+    from celery import Celery, _state
+
+    fallback = Celery("default", fixups=[], set_as_current=False)
+    monkeypatch.setattr(_state._tls, "current_app", fallback)
+
+    assert "mailer.E012" in host_ids()
+
+
+def test_the_default_site_url_with_debug_off_is_warning_w005(settings):
+    settings.DEBUG = False
+    settings.MAILER = {**settings.MAILER, "SITE_URL": "http://localhost:8000"}
+    assert "mailer.W005" in host_ids()
+
+    settings.MAILER = {**settings.MAILER, "SITE_URL": "https://shop.example.com"}
+    assert "mailer.W005" not in host_ids()

@@ -15,7 +15,9 @@ smtp   the sink answering every reply 10 ms late (``--delay-ms``): ``--messages`
        connections, ``--single-messages`` with 1, and ``--zero-messages`` with 40 to a sink
        that answers at once, for CPU per message without latency
 esp    the fake Postmark API (bench/fake_esp.py) answering in 100 ms (``--esp-latency-ms``):
-       ``--esp-messages`` with 40 concurrent calls, ``--esp-single-messages`` with 1
+       ``--esp-messages`` with 40 concurrent calls, ``--esp-single-messages`` with 1, both
+       through Postmark's batch endpoint; ``--esp-unbatched-messages`` with 40 concurrent
+       calls of one email each (``MAILER_ESP_BATCH_SIZE=1``), for comparison
 rate   ``MAILER_RATE_LIMIT_CAMPAIGN=500/s`` with 40 connections for ``--rate-seconds``
        (after ``--rate-warmup``): the measured rate and its distribution per second
 """
@@ -188,7 +190,7 @@ class LatencyBench:
         args = self.args
         sends = [args.messages, args.zero_messages, args.single_messages]
         if "esp" in args.phases:
-            sends += [args.esp_messages, args.esp_single_messages]
+            sends += [args.esp_messages, args.esp_single_messages, args.esp_unbatched_messages]
         if "rate" in args.phases:
             sends.append(int(args.rate * (args.rate_warmup + args.rate_seconds + 5)))
         return math.ceil(max(sends) / CONSENTED)
@@ -443,6 +445,16 @@ class LatencyBench:
             connections=1,
             messages=args.esp_single_messages,
         )
+        if args.esp_unbatched_messages:
+            self.send(
+                "esp_unbatched",
+                f"{args.connections} concurrent calls a worker, one email a call "
+                f"(MAILER_ESP_BATCH_SIZE=1), {args.esp_unbatched_messages:,} messages",
+                self.esp,
+                {**self.esp_env(), "MAILER_ESP_BATCH_SIZE": "1"},
+                connections=args.connections,
+                messages=args.esp_unbatched_messages,
+            )
 
     def phase_rate(self) -> None:
         args = self.args
@@ -528,6 +540,11 @@ class LatencyBench:
                 f"calls (1 call: {single:,.1f} msg/s) (target >= {TARGET_ESP:,.0f} msg/s)  "
                 f"{verdict(rate >= TARGET_ESP)}"
             )
+            if "esp_unbatched" in runs:
+                say(
+                    f"  one email a call instead of batch calls: "
+                    f"{runs['esp_unbatched'].rate:,.0f} msg/s with {pool} concurrent calls"
+                )
         if "rate" in runs and runs["rate"].per_second:
             measured = runs["rate"].steady
             off = measured / args.rate - 1
@@ -542,7 +559,11 @@ class LatencyBench:
                     f"  (without a limit the same set-up sent {unlimited.rate:,.0f} msg/s: "
                     "the limit never bound)"
                 )
-        pooled = [r for key, r in runs.items() if key in ("smtp_pool", "esp_pool", "rate")]
+        pooled = [
+            r
+            for key, r in runs.items()
+            if key in ("smtp_pool", "esp_pool", "esp_unbatched", "rate")
+        ]
         for run in pooled:
             if run.peak < run.connections * 2:
                 why = ": one a worker, no pool in use" if run.peak <= 2 else ""
@@ -565,7 +586,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--delay-ms", type=float, default=10.0, help="the sink's reply delay")
     parser.add_argument("--esp-messages", type=int, default=20_000, help="ESP with the pool")
-    parser.add_argument("--esp-single-messages", type=int, default=400, help="ESP, 1 call")
+    parser.add_argument("--esp-single-messages", type=int, default=2000, help="ESP, 1 call")
+    parser.add_argument(
+        "--esp-unbatched-messages",
+        type=int,
+        default=5000,
+        help="ESP with the pool, one email a call (0: skip it)",
+    )
     parser.add_argument("--esp-latency-ms", type=float, default=100.0)
     parser.add_argument("--rate", type=float, default=500.0, help="messages a second")
     parser.add_argument("--rate-seconds", type=float, default=60.0, help="the measured window")

@@ -47,3 +47,4 @@ class MailerConfig(AppConfig):
         checks.register(mailer_checks.check_settings)
         checks.register(mailer_checks.check_deploy, checks.Tags.security, deploy=True)
         checks.register(mailer_checks.check_webhook_urls, checks.Tags.security, checks.Tags.urls)
+        checks.register(mailer_checks.check_host)

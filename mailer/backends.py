@@ -1,7 +1,9 @@
-"""Email backends mailer ships: a faster SMTP backend, and an outbox of .eml files.
+"""Email backends mailer ships: a faster SMTP backend, Postmark with batch calls, and an
+outbox of .eml files.
 
-Hosts may name either in EMAIL_BACKEND; ``transport`` also upgrades Django's own SMTP
-backend to ``SMTPBackend`` (same settings, same behaviour, less CPU per email).
+Hosts may name any of them in EMAIL_BACKEND; ``transport`` also upgrades Django's own SMTP
+backend to ``SMTPBackend`` and anymail's Postmark backend to ``PostmarkBackend`` (same
+settings, same behaviour, less CPU and fewer round trips per email).
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import smtplib
 import uuid
 from pathlib import Path
 
+import requests
+from anymail.backends.postmark import EmailBackend as AnymailPostmarkBackend
+from anymail.exceptions import AnymailError, AnymailRequestsAPIError
+from anymail.message import AnymailStatus
 from django.conf import settings
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 from django.core.mail.message import sanitize_address
 
 from . import dkimsign
-from .exceptions import MailerConfigurationError, ServiceUnavailable
+from .exceptions import MailerConfigurationError, PermanentSendError, ServiceUnavailable
 from .mime import PLAIN_ADDRESS, PreparedEmail, envelope_sender
 
 
@@ -178,3 +184,145 @@ class OutboxBackend(BaseEmailBackend):
             os.replace(partial, target)
             sent += 1
         return sent
+
+
+class PostmarkBackend(AnymailPostmarkBackend):
+    """anymail's Postmark backend, plus Postmark's batch endpoint for mailer's workers.
+
+    ``/email/batch`` takes up to 500 complete messages in one call, each with its own
+    recipient, content, headers and metadata: a campaign's personal emails (their own
+    unsubscribe links and tracking) travel together, and one round trip and one HTTP
+    request's CPU serve them all. Each message is built by anymail exactly as a single
+    send would build it, and each gets its own outcome.
+    """
+
+    #: Postmark's limits for one batch call: 500 messages and 50 MB.
+    batch_limit = 500
+    batch_bytes = 45 * 1024 * 1024
+
+    #: Per-message error codes that are about the account or the sender, not the email:
+    #: a bad token, an unknown or unconfirmed sender signature, no credits, pending
+    #: approval. Mail waits for ops instead of failing.
+    ACCOUNT_ERRORS = frozenset({10, 400, 401, 405, 412})
+
+    def send_batch(self, emails: list) -> list[Exception | None]:
+        """Send the emails in as few calls as the limits allow; by position, None for an
+        email Postmark accepted (its ``anymail_status`` set) or the error for that email.
+
+        A failed call (unreachable, 429, 5xx, refused credentials) is every one of its
+        emails' error, and nothing after it is sent, as each would wait anyway.
+        """
+        outcomes: list[Exception | None] = [None] * len(emails)
+        ready: list[tuple[int, object, bytes]] = []
+        alone: list[int] = []
+        for index, email in enumerate(emails):
+            email.anymail_status = AnymailStatus()
+            try:
+                if not self.run_pre_send(email):
+                    outcomes[index] = PermanentSendError("A pre_send receiver cancelled it.")
+                    continue
+                payload = self.build_message_payload(email, self.send_defaults)
+                if (
+                    payload.get_api_endpoint() != "email"
+                    or payload.server_token != self.server_token
+                ):
+                    alone.append(index)  # templates, merge data, another server: one call
+                    continue
+                ready.append((index, payload, payload.serialize_json(payload.data).encode()))
+            except AnymailError as exc:
+                outcomes[index] = exc
+        groups = list(self._groups(ready))
+        for number, group in enumerate(groups):
+            failed = self._post_group(group, emails, outcomes)
+            if failed is not None:  # the service is down or asks us to slow down
+                unsent = [index for later in groups[number:] for index, _, _ in later]
+                for index in unsent + alone:
+                    outcomes[index] = failed
+                return outcomes
+        for index in alone:
+            outcomes[index] = self._send_alone(emails[index])
+        return outcomes
+
+    def _groups(self, ready):
+        group, size = [], 2
+        for item in ready:
+            if group and (len(group) >= self.batch_limit or size + len(item[2]) > self.batch_bytes):
+                yield group
+                group, size = [], 2
+            group.append(item)
+            size += len(item[2]) + 1
+        if group:
+            yield group
+
+    def _post_group(self, group, emails, outcomes) -> Exception | None:
+        """One batch call; each email's outcome in ``outcomes``. Returns the call's error
+        when the whole call failed in a way that concerns every email."""
+        first = group[0][1]
+        body = b"[" + b",".join(data for _, _, data in group) + b"]"
+        try:
+            response = self.session.request(
+                "POST",
+                f"{self.api_url}email/batch",
+                data=body,
+                headers={**first.headers, "X-Postmark-Server-Token": self.server_token},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            return ServiceUnavailable(f"ESP connection: {exc.__class__.__name__}")
+        if response.status_code in (400, 422):
+            # The call as a whole refused (a request too large, one message Postmark
+            # cannot parse): each email alone, so one bad email fails only itself.
+            for index, _, _ in group:
+                outcomes[index] = self._send_alone(emails[index])
+            return None
+        if not 200 <= response.status_code < 300:
+            return AnymailRequestsAPIError(
+                email_message=emails[group[0][0]], payload=first, response=response, backend=self
+            )
+        try:
+            answers = response.json()
+        except ValueError:
+            answers = None
+        if not isinstance(answers, list) or len(answers) != len(group):
+            error = PermanentSendError("Postmark answered the batch with an unreadable response.")
+            for index, _, _ in group:
+                outcomes[index] = error
+            return None
+        for (index, payload, _), answer in zip(group, answers, strict=True):
+            outcomes[index] = self._outcome(emails[index], payload, answer, response)
+        return None
+
+    def _outcome(self, email, payload, answer, response) -> Exception | None:
+        code = answer.get("ErrorCode", 0) if isinstance(answer, dict) else None
+        if code in self.ACCOUNT_ERRORS:
+            return ServiceUnavailable(f"Postmark refused the account or sender: {code}")
+        try:
+            status = self.parse_recipient_status(_Answer(answer, response), payload, email)
+            email.anymail_status.esp_response = response
+            email.anymail_status.set_recipient_status(status)
+            self.run_post_send(email)
+            self.raise_for_recipient_status(email.anymail_status, response, payload, email)
+        except AnymailError as exc:
+            return exc
+        return None
+
+    def _send_alone(self, email) -> Exception | None:
+        try:
+            return None if self._send(email) else PermanentSendError("Not sent.")
+        except AnymailError as exc:
+            return exc
+
+
+class _Answer:
+    """One message's entry of a batch response, as anymail reads a response."""
+
+    def __init__(self, answer, response: requests.Response):
+        self._answer, self.status_code = answer, response.status_code
+        self.reason, self.headers = response.reason, response.headers
+
+    def json(self):
+        return self._answer
+
+    @property
+    def text(self) -> str:
+        return repr(self._answer)

@@ -80,14 +80,15 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             )
         )
     # The readers refuse what sending would refuse: one rule, in conf.
-    for read in [*(partial(conf.connections, queue) for queue in Queue), conf.max_open_connections]:
+    readers = [*(partial(conf.connections, queue) for queue in Queue)]
+    readers += [conf.max_open_connections, conf.esp_batch_size]
+    for read in readers:
         try:
             read()
         except MailerConfigurationError as exc:
-            hint = "Set MAILER_CAMPAIGN_CONNECTIONS, MAILER_TRANSACTIONAL_CONNECTIONS or "
-            errors.append(
-                checks.Error(str(exc), hint=hint + "MAILER_MAX_OPEN_CONNECTIONS.", id="mailer.E009")
-            )
+            hint = "Set MAILER_CAMPAIGN_CONNECTIONS, MAILER_TRANSACTIONAL_CONNECTIONS, "
+            hint += "MAILER_MAX_OPEN_CONNECTIONS or MAILER_ESP_BATCH_SIZE."
+            errors.append(checks.Error(str(exc), hint=hint, id="mailer.E009"))
     if not conf.debug() and not conf.get("POSTAL_ADDRESS"):
         errors.append(
             checks.Warning(
@@ -220,3 +221,68 @@ def _views(patterns):
             yield from _views(pattern.url_patterns)
         elif isinstance(getattr(pattern.callback, "view_class", None), type):
             yield pattern.name, pattern.callback.view_class
+
+
+def check_host(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """What a host project must wire for mailer to send at all: said before ``migrate``
+    or the first email fails, with what to do."""
+    from django.apps import apps
+
+    errors: list[checks.CheckMessage] = []
+    if not apps.is_installed("django_celery_beat"):
+        errors.append(
+            checks.Error(
+                "'django_celery_beat' is not in INSTALLED_APPS: mailer's migrations create "
+                "its schedules (recovery of stuck mail, campaign launches), and migrate "
+                "cannot run without it.",
+                hint="Add 'django_celery_beat' to INSTALLED_APPS, before 'mailer'.",
+                id="mailer.E010",
+            )
+        )
+    if not _urls_included():
+        errors.append(
+            checks.Error(
+                "mailer's URLs are not in the URLconf: verification, unsubscribe and "
+                "tracking links in emails cannot be built.",
+                hint='Add path("mailer/", include("mailer.urls")) to your urls.py.',
+                id="mailer.E011",
+            )
+        )
+    if not _celery_app_configured():
+        errors.append(
+            checks.Error(
+                "No Celery app is configured: mailer's tasks would go to Celery's default "
+                "app, and queued email would never be sent.",
+                hint="Create a Celery app (celery.py with config_from_object("
+                '"django.conf:settings", namespace="CELERY")) and import it in your '
+                "project's __init__.py; for tests, CELERY_TASK_ALWAYS_EAGER = True.",
+                id="mailer.E012",
+            )
+        )
+    if not conf.debug() and conf.get("SITE_URL") == conf.DEFAULTS["SITE_URL"]:
+        errors.append(
+            checks.Warning(
+                f"MAILER['SITE_URL'] is still {conf.DEFAULTS['SITE_URL']!r} with DEBUG off: "
+                "links in emails (verification, unsubscribe, password reset) point there.",
+                hint="Set MAILER['SITE_URL'] to the site's public URL.",
+                id="mailer.W005",
+            )
+        )
+    return errors
+
+
+def _urls_included() -> bool:
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        reverse("mailer:unsubscribe", args=["x"])
+    except NoReverseMatch:
+        return False
+    return True
+
+
+def _celery_app_configured() -> bool:
+    """A host's Celery app is current; Celery's own fallback app is named 'default'."""
+    from celery import current_app
+
+    return current_app.main != "default"

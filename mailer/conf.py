@@ -43,8 +43,12 @@ DEFAULTS: dict[str, Any] = {
     # Connections to the server (or concurrent API calls) each worker process sends
     # over, per queue: the waiting for a distant server overlaps.
     "CONNECTIONS": {"transactional": 1, "campaign": 1},
-    # Emails sent over one connection before it is closed and opened again.
+    # Emails sent over one connection before it is closed and opened again (for an ESP's
+    # batch endpoint: calls).
     "MESSAGES_PER_CONNECTION": 100,
+    # Emails one API call carries where the ESP has a batch endpoint (Postmark: up to
+    # 500): None, as many as the ESP takes; 1, one call per email.
+    "ESP_BATCH_SIZE": None,
     # Connections all worker processes together keep open to the backend (None: no cap).
     "MAX_OPEN_CONNECTIONS": None,
     # After a "slow down" (SMTP 421 / 4.7.x, ESP 429): how long the emails concerned wait
@@ -285,6 +289,19 @@ def max_open_connections() -> int | None:
         raise MailerConfigurationError(
             f"MAILER['MAX_OPEN_CONNECTIONS'] is {value!r}: it must be a whole number of "
             "connections, or None for no cap."
+        )
+    return value
+
+
+def esp_batch_size() -> int | None:
+    """ESP_BATCH_SIZE: emails one ESP API call carries at most (None: the ESP's limit)."""
+    value = get("ESP_BATCH_SIZE")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MailerConfigurationError(
+            f"MAILER['ESP_BATCH_SIZE'] is {value!r}: it must be a whole number of emails "
+            "(1: one call per email), or None for as many as the ESP takes."
         )
     return value
 

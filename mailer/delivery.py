@@ -3,9 +3,10 @@
 Delivery is at-least-once from the broker and effectively once at the recipient: a
 worker sends only messages it claimed under its own token, marks each one tried before
 it goes on the wire and records its outcome before the next one does, so a crash leaves
-at most one email in doubt. Faults of infrastructure make mail wait: an unreachable
-server or rate-limit store, or a lost database connection, hands unsent claims back or
-waits for the service, and never fails a message.
+at most one email in doubt per connection (one call's emails, for an ESP's batch endpoint).
+Faults of infrastructure make mail wait: an unreachable server or rate-limit store, or a
+lost database connection, hands unsent claims back or waits for the service, and never
+fails a message.
 """
 
 from __future__ import annotations
@@ -510,9 +511,10 @@ def send_batch(
     """Send messages claimed under ``token``, noting each outcome before the next email.
 
     Before an email goes on the wire, its claim notes the previous one as sent and this
-    one as tried; failures and skips are written at once; the sent emails' rows are
-    written when the batch ends. What is not tried (a stop request, the deadline, an
-    outage) is handed back to the queue untouched.
+    one as tried (for an ESP's batch endpoint: the previous call's emails and this
+    call's); failures and skips are written at once; the sent emails' rows are written
+    when the batch ends. What is not tried (a stop request, the deadline, an outage) is
+    handed back to the queue untouched.
     """
     queue = Queue(queue)
     token = token or (messages[0].claim_token if messages else None)
@@ -530,101 +532,42 @@ def send_batch(
             sender.close()
             if own:
                 shared.close()
-    db, leases, link_cache = shared.db, shared.leases, shared.links
-    blocked = db(suppressed_addresses, [m.to_email for m in messages], queue)
-    templates = compose.Templates()
-    limiter = Limiter(
-        queue,
-        len(messages),
-        db,
-        shared.speed(),
-        shared.quota_step(len(messages)),
-        lanes=shared.lanes,
+    db = shared.db
+    run = _Run(
+        messages=messages,
+        queue=queue,
+        token=token,
+        deadline=deadline,
+        shared=shared,
+        sender=sender,
+        result=result,
+        blocked=db(suppressed_addresses, [m.to_email for m in messages], queue),
+        limiter=Limiter(
+            queue,
+            len(messages),
+            db,
+            shared.speed(),
+            shared.quota_step(len(messages)),
+            lanes=shared.lanes,
+        ),
+        stopped=db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None}),
     )
-    stopped = db(outbox.stopped_campaigns, {m.campaign_id for m in messages} - {None})
-    checked = time.monotonic()
-    batch = outbox.Batch(token=token)
-    untried: list[Message] = []
-    uncount: list[Message] = []
-    pending: tuple[outbox.Sent, datetime] | None = None  # noted on the claim with the next
-    with leases.hold(token):
+    chunk = transport.batch_limit()
+    with shared.leases.hold(token):
         try:
-            for index, message in enumerate(messages):
-                if stopping() or result.wait or (deadline and time.monotonic() > deadline):
-                    untried.extend(messages[index:])
-                    break
-                if message.campaign_id and time.monotonic() - checked > STATE_CHECK_SECONDS:
-                    stopped = db(outbox.stopped_campaigns, {message.campaign_id})
-                    checked = time.monotonic()
-                # Whatever is not sent is written at once: recovery counts every message of
-                # this claim still in sending, up to the last one sent, as having left.
-                if message.campaign_id in stopped:
-                    result.released += db(outbox.release, [message], token)
-                    continue
-                if message.to_email in blocked:
-                    result.suppressed += db(outbox.record_suppressed, [message])
-                    continue
-                # The note for this email travels while it is composed (outbox.Note); in a
-                # pool it is written when read, with the other lanes' (Database.note).
-                note = db.note(message, token, pending and pending[0])
-                if pending is not None:
-                    batch.sent.append(pending)  # noted now, or written when the batch ends
-                    pending = None
-                try:
-                    email = _compose(message, templates, link_cache, db)
-                except Exception as exc:  # noqa: BLE001 - classify sorts every failure
-                    # A template that cannot render fails at once; an unknown error is
-                    # retried, and counts as an attempt although nothing left.
-                    if db.read(note):
-                        _fail(message, transport.classify(exc), result, db)
-                    else:
-                        result.released += db(outbox.release, [message], token)
-                    continue
-                if not limiter.take():
-                    if limiter.held is not None:  # a quota is used up: wait for its window
-                        result.wait, result.outage = limiter.held.wait(), limiter.held.reason
-                    elif not stopping():  # the rate-limit store stayed down: wait a while
-                        result.wait = float(conf.get("RATE_STORE_WAIT"))
-                        result.outage = "the rate-limit store is unavailable"
-                    db.read(note)  # read, so the connection is free again
-                    untried.extend(messages[index:])
-                    break
-                try:
-                    sender.open()
-                except ServiceUnavailable as error:
-                    _outage(queue, error, result, db)
-                    db.read(note)
-                    untried.extend(messages[index:])
-                    break
-                if not db.read(note):  # its campaign stopped, or the claim lapsed
-                    stopped |= {message.campaign_id} - {None}
-                    result.released += db(outbox.release, [message], token)
-                    continue
-                try:
-                    sender.send(email)
-                except ServiceUnavailable as error:
-                    # The connection failed under this email: it most likely did not
-                    # leave. It waits with the rest; its attempt does not count.
-                    _outage(queue, error, result, db)
-                    message.attempts -= 1
-                    uncount.append(message)
-                    continue
-                except SendError as error:
-                    _fail(message, error, result, db)
-                    continue
-                transport.outage.recovered()
-                pending = (outbox.Sent(message, provider_id(email)), timezone.now())
-                result.sent += 1
+            if chunk > 1:
+                _in_chunks(run, chunk)
+            else:
+                _one_by_one(run)
         finally:
-            if pending is not None:
-                batch.sent.append(pending)
+            run.batch.sent.extend(run.pending)
             result.released += db(
                 outbox.finish,
-                batch,
-                untried,
+                run.batch,
+                run.untried,
                 delay=result.wait,
                 reason=result.outage,
-                uncount=uncount,
+                uncount=run.uncount,
             )
     for countdown in sorted(result.countdowns):
         dispatch.kick(queue, countdown=countdown)
@@ -641,6 +584,197 @@ def send_batch(
             result.released,
         )
     return result
+
+
+@dataclass
+class _Run:
+    """One claimed batch being sent: what its loop reads, and what it leaves for
+    ``outbox.finish``."""
+
+    messages: list[Message]
+    queue: Queue
+    token: uuid.UUID
+    deadline: float | None
+    shared: Shared
+    sender: transport.Sender
+    result: BatchResult
+    blocked: set[str]  # suppressed addresses
+    limiter: Limiter
+    stopped: set[int]  # campaigns that stopped
+    checked: float = field(default_factory=time.monotonic)  # when ``stopped`` was read
+    templates: compose.Templates = field(default_factory=compose.Templates)
+    batch: outbox.Batch = field(init=False)
+    untried: list[Message] = field(default_factory=list)  # handed back as they are
+    uncount: list[Message] = field(default_factory=list)  # handed back, attempt not used
+    pending: list[tuple[outbox.Sent, datetime]] = field(default_factory=list)  # to note
+
+    def __post_init__(self):
+        self.batch = outbox.Batch(token=self.token)
+
+    def over(self) -> bool:
+        """Stop before the next email: a stop request, an outage, the deadline."""
+        deadline = self.deadline
+        return stopping() or bool(self.result.wait) or (deadline and time.monotonic() > deadline)
+
+    def skip(self, message: Message) -> bool:
+        """Write at once what is not sent (a stopped campaign, a suppressed address):
+        recovery counts every message of the claim still in sending, up to the last one
+        sent, as having left."""
+        if message.campaign_id and time.monotonic() - self.checked > STATE_CHECK_SECONDS:
+            self.stopped = self.shared.db(outbox.stopped_campaigns, {message.campaign_id})
+            self.checked = time.monotonic()
+        if message.campaign_id in self.stopped:
+            self.result.released += self.shared.db(outbox.release, [message], self.token)
+            return True
+        if message.to_email in self.blocked:
+            self.result.suppressed += self.shared.db(outbox.record_suppressed, [message])
+            return True
+        return False
+
+    def no_token(self) -> None:
+        """The limiter refused: a quota is used up, or the rate-limit store stayed down."""
+        result = self.result
+        if self.limiter.held is not None:  # a quota is used up: wait for its window
+            result.wait, result.outage = self.limiter.held.wait(), self.limiter.held.reason
+        elif not stopping():  # the rate-limit store stayed down: wait a while
+            result.wait = float(conf.get("RATE_STORE_WAIT"))
+            result.outage = "the rate-limit store is unavailable"
+
+    def sent(self, message: Message, email: PreparedEmail) -> None:
+        self.pending.append((outbox.Sent(message, provider_id(email)), timezone.now()))
+        self.result.sent += 1
+
+
+def _one_by_one(run: _Run) -> None:
+    """Each email noted on the claim (the one before it sent, it tried) just before it
+    goes: a crash leaves at most this one email in doubt."""
+    db, sender, result, messages = run.shared.db, run.sender, run.result, run.messages
+    for index, message in enumerate(messages):
+        if run.over():
+            run.untried.extend(messages[index:])
+            break
+        if run.skip(message):
+            continue
+        # The note for this email travels while it is composed (outbox.Note); in a
+        # pool it is written when read, with the other lanes' (Database.note).
+        note = db.note(message, run.token, run.pending[-1][0] if run.pending else None)
+        run.batch.sent.extend(run.pending)  # noted now, or written when the batch ends
+        run.pending = []
+        try:
+            email = _compose(message, run.templates, run.shared.links, db)
+        except Exception as exc:  # noqa: BLE001 - classify sorts every failure
+            # A template that cannot render fails at once; an unknown error is
+            # retried, and counts as an attempt although nothing left.
+            if db.read(note):
+                _fail(message, transport.classify(exc), result, db)
+            else:
+                result.released += db(outbox.release, [message], run.token)
+            continue
+        if not run.limiter.take():
+            run.no_token()
+            db.read(note)  # read, so the connection is free again
+            run.untried.extend(messages[index:])
+            break
+        try:
+            sender.open()
+        except ServiceUnavailable as error:
+            _outage(run.queue, error, result, db)
+            db.read(note)
+            run.untried.extend(messages[index:])
+            break
+        if not db.read(note):  # its campaign stopped, or the claim lapsed
+            run.stopped |= {message.campaign_id} - {None}
+            result.released += db(outbox.release, [message], run.token)
+            continue
+        try:
+            sender.send(email)
+        except ServiceUnavailable as error:
+            # The connection failed under this email: it most likely did not
+            # leave. It waits with the rest; its attempt does not count.
+            _outage(run.queue, error, result, db)
+            message.attempts -= 1
+            run.uncount.append(message)
+            continue
+        except SendError as error:
+            _fail(message, error, result, db)
+            continue
+        transport.outage.recovered()
+        run.sent(message, email)
+
+
+def _in_chunks(run: _Run, size: int) -> None:
+    """Up to ``size`` emails of one campaign in one call to an ESP's batch endpoint.
+
+    The claim notes the chunk's last email as tried before the call, the previous
+    chunk's as sent: a crash leaves at most one call's emails in doubt. A chunk never
+    mixes campaigns, so the note's check that the campaign may still send covers it all.
+    """
+    db, result, messages = run.shared.db, run.result, run.messages
+    index = 0
+    while index < len(messages):
+        if run.over():
+            run.untried.extend(messages[index:])
+            return
+        chunk: list[Message] = []
+        while index < len(messages) and len(chunk) < size:
+            message = messages[index]
+            if chunk and message.campaign_id != chunk[0].campaign_id:
+                break
+            index += 1
+            if not run.skip(message):
+                chunk.append(message)
+        ready: list[tuple[Message, PreparedEmail]] = []
+        for position, message in enumerate(chunk):
+            try:
+                email = _compose(message, run.templates, run.shared.links, db)
+            except Exception as exc:  # noqa: BLE001 - classify sorts every failure
+                # Nothing was noted for it: the attempt is counted here.
+                _fail(message, transport.classify(exc), result, db, count=True)
+                continue
+            if not run.limiter.take():  # the rest waits; what has its tokens goes
+                run.no_token()
+                run.untried.extend(chunk[position:] + messages[index:])
+                index = len(messages)
+                break
+            ready.append((message, email))
+        if ready:
+            _send_chunk(run, ready)
+
+
+def _send_chunk(run: _Run, ready: list[tuple[Message, PreparedEmail]]) -> None:
+    db, result, sender = run.shared.db, run.result, run.sender
+    last = ready[-1][0]
+    note = db.note(last, run.token, run.pending[-1][0] if run.pending else None)
+    run.batch.sent.extend(run.pending)
+    run.pending = []
+    try:
+        sender.open()
+    except ServiceUnavailable as error:
+        _outage(run.queue, error, result, db)
+        db.read(note)
+        run.untried.extend(message for message, _ in ready)
+        return
+    if not db.read(note):  # its campaign stopped, or the claim lapsed
+        run.stopped |= {last.campaign_id} - {None}
+        result.released += db(outbox.release, [message for message, _ in ready], run.token)
+        return
+    for message, _ in ready[:-1]:
+        message.attempts += 1  # the note counted the last one's
+    errors = sender.send_many([email for _, email in ready])
+    for (message, email), error in zip(ready, errors, strict=True):
+        if error is None:
+            run.sent(message, email)
+        elif isinstance(error, ServiceUnavailable):
+            # The call failed: its emails most likely did not leave. They wait with
+            # the rest; their attempts do not count.
+            if not result.wait:
+                _outage(run.queue, error, result, db)
+            message.attempts -= 1
+            run.uncount.append(message)
+        else:
+            _fail(message, error, result, db)
+    if any(error is None for error in errors):
+        transport.outage.recovered()
 
 
 def _compose(

@@ -730,10 +730,10 @@ class Recovery:
 def recover(lease: float, *, policy: str, max_attempts: int, queue: str | None = None) -> Recovery:
     """Take back the claims of workers that stopped renewing their lease.
 
-    A claim says how far its worker got: its messages up to ``sent_through`` left, the one
-    at ``tried_through`` past that is in doubt (``policy`` decides), the rest were never
-    tried. Each recovered message gets an event saying what happened, so the history
-    survives the next send.
+    A claim says how far its worker got: its messages up to ``sent_through`` left, those
+    past that up to ``tried_through`` are in doubt (one email; one call's emails for an
+    ESP's batch endpoint; ``policy`` decides), the rest were never tried. Each recovered
+    message gets an event saying what happened, so the history survives the next send.
     """
     now = timezone.now()
     cutoff = now - timedelta(seconds=lease)
@@ -768,7 +768,10 @@ def _recover_claim(hold: Claim, now, policy: str, max_attempts: int, result: Rec
     rows = _rows(Message.objects.filter(claim_token=hold.token, status=S.SENDING))
     sent_through = hold.sent_through or 0
     tried = hold.tried_through
-    doubt = [pk for pk in rows if tried is not None and pk == tried and tried > sent_through]
+    # One email, or the emails of one ESP batch call: those still in sending between the
+    # last one noted sent and the last one noted tried (what failed or was skipped in
+    # between was written at once, and is no longer in sending).
+    doubt = [pk for pk in rows if tried is not None and sent_through < pk <= tried]
     sent = [pk for pk in rows if pk <= sent_through]
     untried = [pk for pk in rows if pk not in set(doubt) and pk > sent_through]
     _resolve(rows, sent=sent, doubt=doubt, untried=untried, now=now, policy=policy,

@@ -186,6 +186,7 @@ MAILER = {
         "campaign": env.int("MAILER_CAMPAIGN_CONNECTIONS", default=1),
     },
     "MAX_OPEN_CONNECTIONS": env.int("MAILER_MAX_OPEN_CONNECTIONS", default=None),
+    "ESP_BATCH_SIZE": env.int("MAILER_ESP_BATCH_SIZE", default=None),
     "MAX_ATTEMPTS": env.int("MAILER_MAX_ATTEMPTS", default=5),
     "RETRY_BACKOFF_BASE": env.float("MAILER_RETRY_BACKOFF_BASE", default=30.0),
     "RETRY_BACKOFF_MAX": env.float("MAILER_RETRY_BACKOFF_MAX", default=3600.0),

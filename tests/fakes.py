@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
@@ -328,6 +329,14 @@ class _EspRequestHandler(BaseHTTPRequestHandler):
             body = None
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         call = EspCall(time.monotonic(), path, dict(self.headers.items()), body)
+        if fake._dropping():
+            # The connection dies before Postmark took the call: nothing is accepted.
+            call.status = -1
+            with fake.lock:
+                fake._calls.append(call)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         fake._begin()
         try:
             if fake.latency > 0:
@@ -341,8 +350,11 @@ class _EspRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client is gone (a killed worker): it was accepted all the same
+            self.close_connection = True
 
 
 class _EspHTTPServer(ThreadingHTTPServer):
@@ -365,6 +377,7 @@ class FakeESP:
         self.thread: threading.Thread | None = None
         self._program: deque[tuple[int, dict, dict, list[int]]] = deque()
         self._inactive: set[str] = set()
+        self._drops = 0
         self._calls: list[EspCall] = []
         self.connections = 0
         self.in_flight = 0
@@ -389,6 +402,7 @@ class FakeESP:
             self.latency = 0.0
             self._program.clear()
             self._inactive.clear()
+            self._drops = 0
             self._calls.clear()
             self.connections = 0
             self.max_concurrent = self.in_flight
@@ -408,6 +422,19 @@ class FakeESP:
         body = {"ErrorCode": status, "Message": "Internal Server Error"}
         with self.lock:
             self._program.append((status, body, headers, [times]))
+
+    def drop(self, *, times: int = 1) -> None:
+        """Close the connection of the next ``times`` calls without answering them, before
+        anything is accepted (a connection that dies mid-call)."""
+        with self.lock:
+            self._drops += times
+
+    def _dropping(self) -> bool:
+        with self.lock:
+            if self._drops <= 0:
+                return False
+            self._drops -= 1
+            return True
 
     def inactive(self, *addresses: str) -> None:
         """Refuse these recipients as Postmark refuses an address that bounced hard or
@@ -519,7 +546,8 @@ def fake_esp(fake_esp_server, settings):
     """The fake Postmark API, reset, with Django's EMAIL_BACKEND anymail's Postmark backend.
 
     ``fake_esp.latency = 0.1``; ``fake_esp.throttle(times=2, retry_after=2)``;
-    ``fake_esp.fail(503, times=1)``; ``fake_esp.inactive("bounced@example.com")``; then
+    ``fake_esp.fail(503, times=1)``; ``fake_esp.drop(times=1)``;
+    ``fake_esp.inactive("bounced@example.com")``; then
     ``.calls``, ``.recipients``, ``.max_concurrent``, ``.connections``.
     """
     fake_esp_server.reset()

@@ -121,6 +121,15 @@ def test_a_cap_on_open_connections_that_is_not_a_whole_number_is_error_e009(sett
     assert "mailer.E009" in [error.id for error in check_settings()]
 
 
+@pytest.mark.parametrize("value", [0, -5, "50", 2.5, False])
+def test_an_esp_batch_size_that_is_not_a_positive_whole_number_is_error_e009(settings, value):
+    from mailer.checks import check_settings
+
+    settings.MAILER = {**settings.MAILER, "ESP_BATCH_SIZE": value}
+
+    assert "mailer.E009" in [error.id for error in check_settings()]
+
+
 @pytest.mark.parametrize("value", [0, 500, "8", None])
 def test_a_connection_count_out_of_range_is_refused_not_bent_into_it(settings, value):
     from mailer import conf
@@ -187,3 +196,49 @@ def _anymail_urls():
 
 
 urlpatterns = _anymail_urls()
+
+
+# --- What a host project must wire ------------------------------------------------------------
+
+
+def host_ids() -> list[str]:
+    from mailer.checks import check_host
+
+    return sorted(message.id for message in check_host())
+
+
+def test_the_demo_host_is_wired_as_a_host_must_be(settings):
+    settings.DEBUG = True
+
+    assert host_ids() == []
+
+
+def test_a_host_without_django_celery_beat_is_error_e010_before_migrate_can_crash(settings):
+    from django.test import modify_settings
+
+    with modify_settings(INSTALLED_APPS={"remove": "django_celery_beat"}):
+        assert "mailer.E010" in host_ids()
+
+
+def test_a_host_without_mailer_urls_is_error_e011(settings):
+    settings.ROOT_URLCONF = "django.contrib.auth.urls"  # a URLconf without mailer's
+
+    assert "mailer.E011" in host_ids()
+
+
+def test_a_host_without_a_celery_app_is_error_e012(monkeypatch):
+    from celery import Celery, _state
+
+    fallback = Celery("default", fixups=[], set_as_current=False)
+    monkeypatch.setattr(_state._tls, "current_app", fallback)
+
+    assert "mailer.E012" in host_ids()
+
+
+def test_the_default_site_url_with_debug_off_is_warning_w005(settings):
+    settings.DEBUG = False
+    settings.MAILER = {**settings.MAILER, "SITE_URL": "http://localhost:8000"}
+    assert "mailer.W005" in host_ids()
+
+    settings.MAILER = {**settings.MAILER, "SITE_URL": "https://shop.example.com"}
+    assert "mailer.W005" not in host_ids()

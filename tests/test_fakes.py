@@ -30,7 +30,7 @@ def connect(server) -> smtplib.SMTP:
 
 
 def test_slow_smtp_delays_the_banner_and_every_reply(slow_smtp):
-    slow_smtp.delay = 0.05
+    slow_smtp.delay = 0.2  # margins wide enough for a busy machine
     t0 = time.monotonic()
     client = smtplib.SMTP("127.0.0.1", slow_smtp.port, timeout=5)
     banner = time.monotonic() - t0
@@ -42,9 +42,9 @@ def test_slow_smtp_delays_the_banner_and_every_reply(slow_smtp):
     send = time.monotonic() - t0
     client.quit()
 
-    assert banner >= 0.05
-    assert 0.05 <= ehlo < 0.1  # one wait for a multi-line reply, not one per line
-    assert 0.2 <= send < 0.5
+    assert banner >= 0.2
+    assert 0.2 <= ehlo < 0.6  # one wait for a multi-line reply, not one per line (>= 1 s)
+    assert 0.8 <= send < 1.6  # four replies: MAIL, RCPT, DATA, the end of the data
     assert [m.rcpt_tos for m in slow_smtp.messages] == [["b@example.com"]]
     assert slow_smtp.messages[0].data.endswith(b"Hello.\r\n")
 
@@ -54,7 +54,7 @@ def test_slow_smtp_without_delay_answers_at_once(slow_smtp):
     client = connect(slow_smtp)
     client.sendmail("a@example.com", ["b@example.com"], DATA)
     client.quit()
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 1.0  # no delay (0.2 s a reply would take 1.4 s)
 
 
 def test_a_programmed_421_at_mail_is_what_smtplib_sees_and_closes(slow_smtp):
@@ -222,15 +222,13 @@ def test_fake_esp_latency_is_observed_and_concurrent_calls_counted(fake_esp):
         times.append(time.monotonic() - t0)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
-    t0 = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
 
     assert len(times) == 4 and min(times) >= 0.2
-    assert time.monotonic() - t0 < 0.6  # in parallel, not one after the other
-    assert fake_esp.max_concurrent == 4
+    assert fake_esp.max_concurrent == 4  # in parallel, not one after the other
     assert len(fake_esp.recipients) == 4
 
 

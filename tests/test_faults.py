@@ -266,6 +266,28 @@ def _assert_delivered_once(outcome: Outcome, *, duplicates_allowed: int = 0) -> 
     assert outcome.left_sending == 0, outcome
 
 
+def _sigterm_finish_and_assert(stack: Stack, server, mail: Mail, figures: dict, fault: str):
+    """SIGTERM to the campaign worker's group mid-send: it exits within EXIT_SECONDS, a
+    new worker finishes, every recipient has the email once and nothing was recovered."""
+    worker = stack.workers["campaign"]
+    worker.terminate_group()
+    fault_at = time.monotonic()
+    exit_seconds = worker.wait_gone(EXIT_WAIT)
+    if exit_seconds is None:
+        worker.kill()
+        worker.wait_gone(10)
+    stack.replace("campaign")
+    outcome = _outcome(server, mail, fault_at)
+    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
+    _record(figures, mail, outcome, fault=fault, exit_seconds=shown)
+
+    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
+        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
+    )
+    _assert_delivered_once(outcome)
+    assert not Event.objects.filter(data__has_key="recovered").exists()
+
+
 # --- Worker deaths ----------------------------------------------------------------------------
 
 
@@ -314,25 +336,80 @@ def test_sigterm_stops_a_pooled_worker_within_10_s_without_loss_or_double(
     pooled_stack, start_mail, smtp, fault_figures
 ):
     mail = start_mail("campaign")
-    worker = pooled_stack.workers["campaign"]
-    _wait_mid_send(smtp, worker)
+    _wait_mid_send(smtp, pooled_stack.workers["campaign"])
 
-    worker.terminate_group()
+    _sigterm_finish_and_assert(pooled_stack, smtp, mail, fault_figures, "SIGTERM pooled")
+
+
+# --- Through an ESP's batch endpoint ---------------------------------------------------------
+
+
+class _EspCounted:
+    """The fake Postmark API's accepted emails, as ``tally`` counts an SMTP server's."""
+
+    def __init__(self, fake_esp):
+        self.fake = fake_esp
+
+    @property
+    def messages(self) -> list:
+        return [_Received([r]) for r in self.fake.recipients]
+
+
+@dataclass
+class _Received:
+    rcpt_tos: list[str]
+
+
+ESP_LATENCY = 0.05  # each call waits: several calls of several emails on the way at once
+
+
+@pytest.fixture
+def esp_stack(broker, fake_esp, procfile) -> Stack:
+    fake_esp.latency = ESP_LATENCY
+    connections = {f"MAILER_{kind.upper()}_CONNECTIONS": str(POOL) for kind in KINDS}
+    return Stack(procfile, **fake_esp.worker_env(), **connections).start()
+
+
+def test_kill_9_of_a_worker_sending_batch_calls_doubles_at_most_one_call_per_connection(
+    esp_stack, start_mail, fake_esp, fault_figures
+):
+    esp = _EspCounted(fake_esp)
+    mail = start_mail("campaign")
+    worker = esp_stack.workers["campaign"]
+    _wait_mid_send(esp, worker)
+
+    worker.kill()
     fault_at = time.monotonic()
-    exit_seconds = worker.wait_gone(EXIT_WAIT)
-    if exit_seconds is None:
-        worker.kill()
-        worker.wait_gone(10)
-    pooled_stack.replace("campaign")
-    outcome = _outcome(smtp, mail, fault_at)
-    shown = f"{exit_seconds:.1f}" if exit_seconds is not None else f">{EXIT_WAIT}"
-    _record(fault_figures, mail, outcome, fault="SIGTERM pooled", exit_seconds=shown)
-
-    assert exit_seconds is not None and exit_seconds <= EXIT_SECONDS, (
-        f"the worker took {shown} s to exit:\n{worker.log(3000)}"
+    gone = worker.wait_gone(10)
+    esp_stack.replace("campaign")
+    outcome = _outcome(esp, mail, fault_at)
+    # Each connection of each killed pool process may have had one call on the way; a
+    # call carries at most a lane's claim.
+    biggest = max(len(call.messages) for call in fake_esp.calls)
+    allowed = worker.concurrency * POOL * biggest
+    _record(
+        fault_figures,
+        mail,
+        outcome,
+        fault="kill -9 ESP batch calls",
+        duplicates_allowed=allowed,
+        biggest_call=biggest,
     )
-    _assert_delivered_once(outcome)
-    assert not Event.objects.filter(data__has_key="recovered").exists()
+
+    assert gone is not None, "the killed worker's processes are still there"
+    assert {call.path for call in fake_esp.calls} == {"/email/batch"}
+    assert biggest > 1
+    _assert_delivered_once(outcome, duplicates_allowed=allowed)
+
+
+def test_sigterm_stops_a_worker_sending_batch_calls_within_10_s_without_loss_or_double(
+    esp_stack, start_mail, fake_esp, fault_figures
+):
+    esp = _EspCounted(fake_esp)
+    mail = start_mail("campaign")
+    _wait_mid_send(esp, esp_stack.workers["campaign"])
+
+    _sigterm_finish_and_assert(esp_stack, esp, mail, fault_figures, "SIGTERM ESP batch calls")
 
 
 SIGTERMS = [

@@ -161,6 +161,26 @@ def test_recovery_of_a_dead_worker_knows_what_left_what_is_in_doubt_and_what_was
     assert not Claim.objects.exists()
 
 
+def test_recovery_holds_every_email_of_one_batch_call_in_doubt_and_no_other(settings):
+    # An ESP batch call: the claim notes the call's last email tried, the previous
+    # call's last sent; one email of the call failed before it and was written at once.
+    settings.MAILER = {**settings.MAILER, "SENDING_LEASE": 30, "STUCK_POLICY": "retry"}
+    token, (sent_a, sent_b, failed, doubt_a, doubt_b, untried) = claimed(6)
+    outbox.try_next(sent_b, token)
+    outbox.record_failed(failed, "Template: broken")
+    outbox.try_next(doubt_b, token, done=outbox.Sent(sent_b, "pid"))  # then kill -9
+    lapse(token)
+
+    counts = outbox.recover_stuck()
+
+    assert (counts["sent"], counts["in_doubt_requeued"], counts["untried"]) == (2, 2, 1)
+    assert {row(m).status for m in (sent_a, sent_b)} == {S.SENT}
+    assert row(failed).status == S.FAILED
+    assert {row(m).status for m in (doubt_a, doubt_b, untried)} == {S.QUEUED}
+    assert "STUCK_POLICY=retry" in row(doubt_a).last_error
+    assert (row(untried).attempts, row(untried).last_error) == (0, "")
+
+
 def test_recovery_leaves_a_live_worker_alone():
     token, (message,) = claimed(1)
     lapse(token)

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+from django.db import connection
 
 from mailer import campaigns, conf, delivery
 from mailer.models import Campaign, Claim, Contact, Kind, Message, MessageStatus
@@ -101,6 +102,9 @@ class LaneWatching(LocmemBackend):
                 count = len(LaneWatching.seen)
             if LaneWatching.on_send:
                 LaneWatching.on_send(count)
+        # This thread's own database connection, opened by the reads above: closed here,
+        # or it outlives the test and blocks the test database's teardown.
+        connection.close()
         return super().send_messages(messages)
 
 

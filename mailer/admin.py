@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import redis
 from django import forms
@@ -25,6 +26,7 @@ from . import (
     contacts,
     outbox,
     quota,
+    redact,
     rendering,
     reports,
     reputation,
@@ -84,6 +86,11 @@ def _iframe(html: str, height: int = 480) -> str:
     )
 
 
+def _json_block(value) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+    return format_html('<pre style="white-space:pre-wrap;margin:0">{}</pre>', text)
+
+
 class EventInline(admin.TabularInline):
     model = Event
     extra = 0
@@ -132,8 +139,8 @@ class MessageAdmin(admin.ModelAdmin):
         "template_slug",
         "language",
         "subject",
-        "context",
-        "metadata",
+        "context_masked",
+        "metadata_masked",
         "idempotency_key",
         "attempts",
         "last_error",
@@ -153,7 +160,18 @@ class MessageAdmin(admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("uuid", "kind", "status", "to_email", "contact", "subject")}),
-        ("Template", {"fields": ("template_slug", "language", "template", "context", "metadata")}),
+        (
+            "Template",
+            {
+                "fields": (
+                    "template_slug",
+                    "language",
+                    "template",
+                    "context_masked",
+                    "metadata_masked",
+                )
+            },
+        ),
         (
             "Delivery",
             {
@@ -181,11 +199,21 @@ class MessageAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False  # messages come from mailer.api and campaigns, not by hand
 
+    # Context and metadata as stored, secrets masked: a live reset link is a login.
+    @admin.display(description="Context")
+    def context_masked(self, obj: Message) -> str:
+        return _json_block(redact.masked(obj.context or {}))
+
+    @admin.display(description="Metadata")
+    def metadata_masked(self, obj: Message) -> str:
+        return _json_block(redact.masked(obj.metadata or {}))
+
     @admin.display(description="Rendered email")
     def preview(self, obj: Message) -> str:
         try:
             source = rendering.find_template(obj.template_slug, obj.language)
-            rendered = rendering.compiled(source).render(compose.message_context(obj))
+            context = redact.masked(compose.message_context(obj))
+            rendered = rendering.compiled(source).render(context)
         except MailerError as exc:
             return format_html("<em>Cannot render this message: {}</em>", exc)
         return format_html(

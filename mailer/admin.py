@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import redis
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -24,6 +26,7 @@ from . import (
     contacts,
     outbox,
     quota,
+    redact,
     rendering,
     reports,
     reputation,
@@ -83,6 +86,11 @@ def _iframe(html: str, height: int = 480) -> str:
     )
 
 
+def _json_block(value) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+    return format_html('<pre style="white-space:pre-wrap;margin:0">{}</pre>', text)
+
+
 class EventInline(admin.TabularInline):
     model = Event
     extra = 0
@@ -131,8 +139,8 @@ class MessageAdmin(admin.ModelAdmin):
         "template_slug",
         "language",
         "subject",
-        "context",
-        "metadata",
+        "context_masked",
+        "metadata_masked",
         "idempotency_key",
         "attempts",
         "last_error",
@@ -152,7 +160,18 @@ class MessageAdmin(admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("uuid", "kind", "status", "to_email", "contact", "subject")}),
-        ("Template", {"fields": ("template_slug", "language", "template", "context", "metadata")}),
+        (
+            "Template",
+            {
+                "fields": (
+                    "template_slug",
+                    "language",
+                    "template",
+                    "context_masked",
+                    "metadata_masked",
+                )
+            },
+        ),
         (
             "Delivery",
             {
@@ -180,11 +199,21 @@ class MessageAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False  # messages come from mailer.api and campaigns, not by hand
 
+    # Context and metadata as stored, secrets masked: a live reset link is a login.
+    @admin.display(description="Context")
+    def context_masked(self, obj: Message) -> str:
+        return _json_block(redact.masked(obj.context or {}))
+
+    @admin.display(description="Metadata")
+    def metadata_masked(self, obj: Message) -> str:
+        return _json_block(redact.masked(obj.metadata or {}))
+
     @admin.display(description="Rendered email")
     def preview(self, obj: Message) -> str:
         try:
             source = rendering.find_template(obj.template_slug, obj.language)
-            rendered = rendering.compiled(source).render(compose.message_context(obj))
+            context = redact.masked(compose.message_context(obj))
+            rendered = rendering.compiled(source).render(context)
         except MailerError as exc:
             return format_html("<em>Cannot render this message: {}</em>", exc)
         return format_html(
@@ -195,7 +224,7 @@ class MessageAdmin(admin.ModelAdmin):
             rendered.text,
         )
 
-    @admin.action(description="Retry selected failed or cancelled messages")
+    @admin.action(description="Retry selected failed or cancelled messages", permissions=["change"])
     def retry_messages(self, request, queryset) -> None:
         count = outbox.requeue(queryset)
         skipped = queryset.count() - count
@@ -301,7 +330,7 @@ class ContactAdmin(admin.ModelAdmin):
             ),
         ] + super().get_urls()
 
-    @admin.action(description="Export selected contacts as CSV")
+    @admin.action(description="Export selected contacts as CSV", permissions=["view"])
     def export_selected(self, request, queryset):
         return stream_csv(contacts.export_rows(queryset), "contacts.csv")
 
@@ -311,8 +340,16 @@ class ContactAdmin(admin.ModelAdmin):
         stamp = timezone.now().strftime("%Y%m%d-%H%M")
         return stream_csv(contacts.export_rows(Contact.objects.all()), f"contacts-{stamp}.csv")
 
+    def has_import_permission(self, request) -> bool:
+        """An import adds contacts and updates existing ones (their consent too)."""
+        return self.has_add_permission(request) and self.has_change_permission(request)
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "can_import": self.has_import_permission(request)}
+        return super().changelist_view(request, extra_context)
+
     def import_view(self, request):
-        if not self.has_add_permission(request):
+        if not self.has_import_permission(request):
             return HttpResponse(status=403)
         form = CSVImportForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
@@ -457,6 +494,9 @@ class CampaignForm(forms.ModelForm):
 
 
 EDITABLE = ("draft", "scheduled", "paused")
+# The permission each campaign action needs: a copy adds a campaign, the rest change one
+# (a test email, a launch, a pause). A view-only user is offered none of them.
+ACTION_PERMISSIONS = {"duplicate": "add"}
 ACTIONS = {
     "send_test": "Send a test to me",
     "schedule": "Schedule",
@@ -486,6 +526,7 @@ class CampaignAdmin(admin.ModelAdmin):
         "winner",
         "paused_reason",
         "report",
+        "report_read_only",
     )
     fieldsets = (
         (None, {"fields": ("name", "status", "template", "segments", "exclude_segments")}),
@@ -538,6 +579,16 @@ class CampaignAdmin(admin.ModelAdmin):
             ]
         return fields
 
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if self.has_change_permission(request, obj):
+            return fieldsets
+        # Without change permission the report offers no "Pick as winner" buttons.
+        return [
+            (name, {**options, "fields": [_read_only(f) for f in options["fields"]]})
+            for name, options in fieldsets
+        ]
+
     def get_urls(self):
         return [
             path(
@@ -558,20 +609,39 @@ class CampaignAdmin(admin.ModelAdmin):
         ] + super().get_urls()
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = {**(extra_context or {}), "campaign_actions": ACTIONS}
+        allowed = {action: label for action, label in ACTIONS.items() if self.may(request, action)}
+        extra_context = {**(extra_context or {}), "campaign_actions": allowed}
         return super().change_view(request, object_id, form_url, extra_context)
 
+    def may(self, request, action: str, campaign: Campaign | None = None) -> bool:
+        """Whether the user holds the permission ``action`` needs (ACTION_PERMISSIONS)."""
+        if ACTION_PERMISSIONS.get(action) == "add":
+            return self.has_add_permission(request) and self.has_view_permission(request, campaign)
+        return self.has_change_permission(request, campaign)
+
     @admin.display(description="Report")
-    def report(self, obj: Campaign) -> str:
+    def report(self, obj: Campaign, *, can_change: bool = True) -> str:
         if not obj.pk:
             return "—"
         figures = reports.report(obj)
         return render_to_string(
             "admin/mailer/campaign/report.html",
-            {"campaign": obj, "r": figures, "chart": chart(figures["timeline"])},
+            {
+                "campaign": obj,
+                "r": figures,
+                "chart": chart(figures["timeline"]),
+                "can_change": can_change,
+            },
         )
 
+    @admin.display(description="Report")
+    def report_read_only(self, obj: Campaign) -> str:
+        return self.report(obj, can_change=False)
+
     def _run(self, request, campaign: Campaign, action: str) -> None:
+        # Checked here, not only by the callers: every door to an action passes this way.
+        if action in ACTIONS and not self.may(request, action, campaign):
+            raise PermissionDenied
         user = request.user
         if action == "send_test":
             if not user.email:
@@ -619,7 +689,7 @@ class CampaignAdmin(admin.ModelAdmin):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         campaign = get_object_or_404(Campaign, pk=pk)
-        if not self.has_change_permission(request, campaign):
+        if not self.may(request, action, campaign):
             return HttpResponse(status=403)
         try:
             self._run(request, campaign, action)
@@ -658,29 +728,33 @@ class CampaignAdmin(admin.ModelAdmin):
             except MailerError as exc:
                 self.message_user(request, f"“{campaign}”: {exc}", messages.ERROR)
 
-    @admin.action(description="Send a test of selected campaigns to me")
+    @admin.action(description="Send a test of selected campaigns to me", permissions=["change"])
     def send_test_action(self, request, queryset):
         self._bulk(request, queryset, "send_test")
 
-    @admin.action(description="Send selected campaigns now")
+    @admin.action(description="Send selected campaigns now", permissions=["change"])
     def send_now_action(self, request, queryset):
         self._bulk(request, queryset, "send_now")
 
-    @admin.action(description="Pause selected campaigns")
+    @admin.action(description="Pause selected campaigns", permissions=["change"])
     def pause_action(self, request, queryset):
         self._bulk(request, queryset, "pause")
 
-    @admin.action(description="Resume selected campaigns")
+    @admin.action(description="Resume selected campaigns", permissions=["change"])
     def resume_action(self, request, queryset):
         self._bulk(request, queryset, "resume")
 
-    @admin.action(description="Cancel selected campaigns")
+    @admin.action(description="Cancel selected campaigns", permissions=["change"])
     def cancel_action(self, request, queryset):
         self._bulk(request, queryset, "cancel")
 
-    @admin.action(description="Duplicate selected campaigns")
+    @admin.action(description="Duplicate selected campaigns", permissions=["add"])
     def duplicate_action(self, request, queryset):
         self._bulk(request, queryset, "duplicate")
+
+
+def _read_only(field: str) -> str:
+    return "report_read_only" if field == "report" else field
 
 
 def report_rows(campaign: Campaign, r: dict):
@@ -817,7 +891,7 @@ class SuppressionAdmin(admin.ModelAdmin):
         response["Content-Disposition"] = f'attachment; filename="suppressions-{stamp}.csv"'
         return response
 
-    @admin.action(description="Export selected suppressions as CSV")
+    @admin.action(description="Export selected suppressions as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
         return self._csv_response(queryset)
 
@@ -947,7 +1021,10 @@ class ReputationPauseAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.action(description="Lift the selected pauses (campaigns stay paused until resumed)")
+    @admin.action(
+        description="Lift the selected pauses (campaigns stay paused until resumed)",
+        permissions=["change"],
+    )
     def lift(self, request, queryset):
         count = 0
         for row in queryset.filter(active=True):

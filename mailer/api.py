@@ -13,8 +13,8 @@ from django.utils import timezone
 from . import dispatch, outbox, rendering
 from .compose import message_context
 from .contacts import ContactImportReport, clean_address, import_csv
-from .exceptions import HeaderInjection, InvalidContext, MailerError
-from .models import Kind, Message, MessageStatus, Queue, Suppression
+from .exceptions import HeaderInjection, InvalidContext, MailerError, TemplateNotFound
+from .models import Kind, Message, MessageStatus, Queue, Suppression, unsafe_character
 from .suppressions import suppress as add_suppression
 
 __all__ = ["send", "suppress", "import_contacts", "Message", "MailerError"]
@@ -38,11 +38,14 @@ def send(
     ``idempotency_key`` always returns the same Message, and one email.
     """
     address = clean_address(to)
+    for name, value in (("template", template), ("language", language)):
+        if isinstance(value, str) and unsafe_character(value, header=True):
+            raise TemplateNotFound(f"{name} {value!r} contains a control character.")
     context = _json_mapping(context, "context")
     metadata = _json_mapping(metadata, "metadata")
-    _refuse_line_breaks(metadata, "metadata")
+    _refuse_header_breaks(metadata, "metadata")
     if idempotency_key is not None:
-        _refuse_line_breaks({"idempotency_key": idempotency_key}, "idempotency_key")
+        _refuse_header_breaks({"idempotency_key": idempotency_key}, "idempotency_key")
         existing = Message.objects.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
@@ -87,6 +90,7 @@ def suppress(
     Waiting campaign and drip messages to it are cancelled at once.
     """
     scope = Suppression.Scope.MARKETING if marketing_only else Suppression.Scope.ALL
+    _refuse_control_characters({"note": note, "source": source}, "suppress")
     _, created = add_suppression(
         email, scope=scope, reason=Suppression.Reason.MANUAL, source=source, note=note
     )
@@ -102,18 +106,51 @@ def import_contacts(stream: BinaryIO, *, source: str) -> ContactImportReport:
     return import_csv(stream, source=source)
 
 
+#: Deeper context is refused: nobody writes it, and it would exhaust the stack.
+MAX_CONTEXT_DEPTH = 20
+
+
 def _json_mapping(value: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+    """The value as the database will store it (JSON, no NaN, no control characters),
+    or InvalidContext before anything is written."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidContext(f"{name} must be a mapping, got {type(value).__name__}.")
     try:
-        return json.loads(json.dumps(dict(value), cls=DjangoJSONEncoder))
+        # allow_nan=False: PostgreSQL's jsonb has no NaN or Infinity.
+        stored = json.loads(json.dumps(dict(value), cls=DjangoJSONEncoder, allow_nan=False))
+    except RecursionError:
+        raise InvalidContext(f"{name} is nested too deeply.") from None
     except (TypeError, ValueError) as exc:
         raise InvalidContext(f"{name} must be JSON-serializable: {exc}") from None
+    _refuse_control_characters(stored, name)
+    return stored
 
 
-def _refuse_line_breaks(values: Mapping[str, Any], name: str) -> None:
+def _refuse_control_characters(value: Any, name: str, depth: int = 0) -> None:
+    """Refuse NUL and other control characters (line breaks and tabs are text) in every
+    key and string of ``value``, and nesting deeper than MAX_CONTEXT_DEPTH."""
+    if depth > MAX_CONTEXT_DEPTH:
+        raise InvalidContext(f"{name} is nested deeper than {MAX_CONTEXT_DEPTH} levels.")
+    if isinstance(value, str):
+        if char := unsafe_character(value):
+            raise InvalidContext(f"{name} contains a control character ({char}).")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if char := unsafe_character(str(key)):
+                raise InvalidContext(f"{name} has a key with a control character ({char}).")
+            _refuse_control_characters(item, f"{name}[{key!r}]", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_control_characters(item, f"{name}[{index}]", depth + 1)
+
+
+def _refuse_header_breaks(values: Mapping[str, Any], name: str) -> None:
+    """Values that may travel as headers (ESP metadata, idempotency key): one line, no
+    control characters."""
     for key, value in values.items():
-        if isinstance(value, str) and ("\r" in value or "\n" in value):
-            raise HeaderInjection(f"{name}[{key!r}] contains a line break.")
+        if isinstance(value, str) and (char := unsafe_character(value, header=True)):
+            raise HeaderInjection(
+                f"{name}[{key!r}] contains a line break or control character ({char})."
+            )

@@ -24,11 +24,17 @@ class MailerConfig(AppConfig):
         from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutting_down
         from django.db.models.signals import post_delete, post_save, pre_save
 
-        from .models import Template
+        from .models import Campaign, Template, Variant
 
         pre_save.connect(
             receivers.on_template_saving, sender=Template, dispatch_uid="mailer.template_saving"
         )
+        for model in (Campaign, Variant, Template):
+            pre_save.connect(
+                receivers.on_header_fields_saving,
+                sender=model,
+                dispatch_uid=f"mailer.header_fields_saving.{model.__name__}",
+            )
         worker_shutting_down.connect(
             receivers.on_worker_stopping, dispatch_uid="mailer.worker_stopping"
         )

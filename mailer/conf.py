@@ -91,6 +91,10 @@ DEFAULTS: dict[str, Any] = {
     "TEMPLATE_CACHE_SECONDS": 5,
     # Extra names allowed in every template besides the standard context.
     "EXTRA_CONTEXT": [],
+    # Context keys whose values are secrets (signed links, one-time codes): masked in the
+    # admin and in stored errors, at any depth. Always masked besides these: reset_url,
+    # verify_url, and any key whose name contains token, secret or password.
+    "SECRET_CONTEXT_KEYS": [],
     # Own open/click tracking for SMTP set-ups. None: on unless an anymail ESP sends
     # (the ESP tracks then). Applies to marketing and drip mail only.
     "TRACK_OPENS": None,

@@ -16,7 +16,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from .exceptions import HeaderInjection, ImportFileError, InvalidRecipient
-from .models import Contact, Tag, normalize_email
+from .models import Contact, Tag, normalize_email, unsafe_character
 
 
 def clean_address(value: object) -> str:
@@ -25,6 +25,8 @@ def clean_address(value: object) -> str:
         raise InvalidRecipient(f"Recipient must be a non-empty email address, got {value!r}.")
     if "\r" in value or "\n" in value:
         raise HeaderInjection("Recipient address contains a line break.")
+    if char := unsafe_character(value, header=True):
+        raise HeaderInjection(f"Recipient address contains a control character ({char}).")
     address = normalize_email(value)
     try:
         validate_email(address)
@@ -107,6 +109,8 @@ def import_csv(stream: BinaryIO, *, source: str, batch_size: int = 2000) -> Cont
             columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
             if "email" not in columns:
                 raise ImportFileError("The CSV needs a header row with an 'email' column.")
+            if any(unsafe_character(c) for c in columns):
+                raise ImportFileError("The header row contains a control character.")
             reader.fieldnames = columns
             batch: dict[str, dict] = {}
             for line, row in enumerate(reader, start=2):
@@ -143,6 +147,10 @@ def _parse_row(row: dict, columns: list[str], source: str) -> dict | str:
         email = clean_address(row.get("email") or "")
     except (InvalidRecipient, HeaderInjection) as exc:
         return str(exc)
+    for key, value in row.items():
+        # NUL would fail the whole batch in PostgreSQL; a name travels in the To header.
+        if isinstance(value, str) and (char := unsafe_character(value, header=key == "name")):
+            return f"column {key!r} contains a control character ({char})"
     consent_word = (row.get("consent") or "").strip().lower()
     if consent_word not in _CONSENT_WORDS:
         return f"consent {consent_word!r} is not one of granted/withdrawn/yes/no"

@@ -27,7 +27,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
 from django.utils import timezone
 
-from . import compose, conf, dispatch, outbox, quota, ratelimit, throttle, transport
+from . import compose, conf, dispatch, outbox, quota, ratelimit, redact, throttle, transport
 from .exceptions import PermanentSendError, SendError, ServiceUnavailable, Throttled
 from .mime import PreparedEmail
 from .models import Message, Queue, Suppression
@@ -814,10 +814,12 @@ def _fail(
     if count:
         message.attempts += 1
     max_attempts = int(conf.get("MAX_ATTEMPTS"))
+    # A template error may quote a context value (a reset link): stored and logged, never.
+    text = redact.scrub(str(error), message.context)
     if isinstance(error, PermanentSendError) or message.attempts >= max_attempts:
         if not isinstance(error, PermanentSendError):
-            error = PermanentSendError(f"Gave up after {message.attempts} attempts: {error}")
-        db(outbox.record_failed, message, str(error))
+            text = f"Gave up after {message.attempts} attempts: {text}"
+        db(outbox.record_failed, message, text)
         result.failed += 1
         return
     delay = transport.backoff(max(1, message.attempts))
@@ -825,7 +827,7 @@ def _fail(
     status = db(
         outbox.record_retry,
         message,
-        str(error),
+        text,
         delay=delay,
         max_countdown=max_countdown,
     )

@@ -40,12 +40,14 @@ class CampaignError(FieldError):
     """A campaign that cannot make this move: not ready, wrong status, in the past."""
 
 
-class HeaderInjection(MailerError, ValueError):
-    """A value bound for a header carries CR or LF."""
+class HeaderInjection(FieldError, ValueError):
+    """A value bound for a header carries CR, LF or another control character; a
+    ValidationError too, so a model field's validator shows it on its form field."""
 
 
 class InvalidContext(MailerError, ValueError):
-    """Template context that cannot be stored (not JSON) or is not a mapping."""
+    """Context, metadata or a note that cannot be stored: not a JSON mapping, nested too
+    deep, or carrying NUL or another control character."""
 
 
 class ImportFileError(MailerError, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timedelta
 
@@ -11,6 +12,8 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from .exceptions import HeaderInjection
 
 
 class Kind(models.TextChoices):
@@ -41,6 +44,37 @@ class Queue(models.TextChoices):
         return Kind.marketing()
 
 
+# What no stored text may hold: NUL (PostgreSQL refuses it: a DataError inside the
+# caller's transaction), the other C0 and C1 controls but tab and line breaks, DEL, and
+# lone surrogates (not UTF-8). A header holds not even those, nor U+2028 and U+2029.
+_UNSAFE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNSAFE_HEADER = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def unsafe_character(value: str, *, header: bool = False) -> str | None:
+    """The first character of ``value`` that text (or a header) must not hold, as U+XXXX."""
+    found = (_UNSAFE_HEADER if header else _UNSAFE_TEXT).search(value)
+    return f"U+{ord(found.group()):04X}" if found else None
+
+
+def header_safe(value: str, name: str = "This value") -> None:
+    """Validator of every field that reaches a header: a line break there would let the
+    value write headers of its own (Bcc:), and any control character breaks the email."""
+    if isinstance(value, str) and (char := unsafe_character(value, header=True)):
+        raise HeaderInjection(
+            f"{name} contains a line break or control character ({char}); "
+            "a header must be one line of text."
+        )
+
+
+def check_header_fields(instance: models.Model, fields=None) -> None:
+    """Run ``header_safe`` on the instance's header fields (those of ``fields`` only, when
+    given): a save through the ORM is held to what the admin's forms check."""
+    for field in instance._meta.concrete_fields:
+        if header_safe in field.validators and (fields is None or field.name in fields):
+            header_safe(getattr(instance, field.attname), field.name)
+
+
 class Tag(models.Model):
     """A label on contacts, for segments."""
 
@@ -62,7 +96,7 @@ class Contact(models.Model):
         WITHDRAWN = "withdrawn", "Withdrawn"
 
     email = models.EmailField(max_length=254, unique=True, help_text="Stored lower-case.")
-    name = models.CharField(max_length=200, blank=True)
+    name = models.CharField(max_length=200, blank=True, validators=[header_safe])
     language = models.CharField(max_length=10, blank=True)
     timezone = models.CharField(max_length=64, blank=True)
     attributes = models.JSONField(default=dict, blank=True)
@@ -116,7 +150,7 @@ class Template(models.Model):
         max_length=20, choices=Purpose.choices, default=Purpose.TRANSACTIONAL
     )
     description = models.CharField(max_length=200, blank=True)
-    subject = models.CharField(max_length=500)
+    subject = models.CharField(max_length=500, validators=[header_safe])
     html = models.TextField("HTML")
     text = models.TextField(blank=True, help_text="Leave empty to generate it from the HTML.")
     variables = models.CharField(
@@ -293,9 +327,9 @@ class Campaign(models.Model):
     )
     segments = models.ManyToManyField(Segment, blank=True, related_name="campaigns")
     exclude_segments = models.ManyToManyField(Segment, blank=True, related_name="+")
-    from_name = models.CharField(max_length=200, blank=True)
-    from_email = models.EmailField(blank=True)
-    reply_to = models.EmailField(blank=True)
+    from_name = models.CharField(max_length=200, blank=True, validators=[header_safe])
+    from_email = models.EmailField(blank=True, validators=[header_safe])
+    reply_to = models.EmailField(blank=True, validators=[header_safe])
     send_at = models.DateTimeField(
         null=True, blank=True, help_text="When to send; empty means when you press Send now."
     )
@@ -343,8 +377,10 @@ class Variant(models.Model):
         validators=[RegexValidator(r"^[A-E]$", "A variant is labelled A to E.")],
         help_text="A to E.",
     )
-    subject = models.CharField(max_length=500, blank=True, help_text="Empty: the template's.")
-    from_name = models.CharField(max_length=200, blank=True)
+    subject = models.CharField(
+        max_length=500, blank=True, help_text="Empty: the template's.", validators=[header_safe]
+    )
+    from_name = models.CharField(max_length=200, blank=True, validators=[header_safe])
     template = models.ForeignKey(
         Template,
         null=True,

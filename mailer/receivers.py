@@ -8,7 +8,7 @@ import threading
 from billiard.process import active_children
 
 from . import accounts, conf, delivery, dispatch, rendering, tracking, unsubscribe
-from .models import Queue
+from .models import Queue, check_header_fields
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ def on_template_changed(sender, **kwargs) -> None:
 def on_template_saving(sender, instance, **kwargs) -> None:
     """Caught on save, not on send: a broken template never reaches the outbox."""
     rendering.validate_template(instance)
+
+
+def on_header_fields_saving(sender, instance, update_fields=None, **kwargs) -> None:
+    """A sender name or subject with a line break is refused on save, whoever saves it:
+    stored, it would fail every email of its campaign. Only the fields being written are
+    checked, so a row stored before this check can still be paused or cancelled."""
+    check_header_fields(instance, update_fields)
 
 
 def on_worker_stopping(sender=None, **kwargs) -> None:

@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 
 from .contacts import clean_address, csv_safe
 from .exceptions import ImportFileError, MailerError
-from .models import Suppression
+from .models import Suppression, unsafe_character
 from .outbox import cancel_waiting_marketing
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,11 @@ def import_csv(data: bytes, *, source: str) -> ImportReport:
             except MailerError as exc:
                 report.rejected.append((line, str(exc)))
                 continue
-            rows.append((line, address, scope, reason, (row.get("note") or "").strip()))
+            note = (row.get("note") or "").strip()
+            if char := unsafe_character(note):  # NUL would fail the whole import
+                report.rejected.append((line, f"the note contains a control character ({char})"))
+                continue
+            rows.append((line, address, scope, reason, note))
     except csv.Error as exc:
         raise ImportFileError(f"The CSV cannot be parsed: {exc}") from None
     with transaction.atomic():

@@ -494,6 +494,8 @@ class CampaignForm(forms.ModelForm):
 
 
 EDITABLE = ("draft", "scheduled", "paused")
+#: Campaigns with mail on the way (or held): cancelled first, then deleted.
+UNDELETABLE = ("testing", "waiting", "sending", "paused")
 # The permission each campaign action needs: a copy adds a campaign, the rest change one
 # (a test email, a launch, a pause). A view-only user is offered none of them.
 ACTION_PERMISSIONS = {"duplicate": "add"}
@@ -612,6 +614,19 @@ class CampaignAdmin(admin.ModelAdmin):
         allowed = {action: label for action, label in ACTIONS.items() if self.may(request, action)}
         extra_context = {**(extra_context or {}), "campaign_actions": allowed}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # A campaign sending (or paused, or mid A/B test) has messages on the way and a
+        # history its report reads: cancel it first; drafts and finished ones may go.
+        if obj is not None and obj.status in UNDELETABLE:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        blocked = queryset.filter(status__in=UNDELETABLE)
+        if blocked.exists():
+            raise PermissionDenied("Cancel a campaign before deleting it.")
+        super().delete_queryset(request, queryset)
 
     def may(self, request, action: str, campaign: Campaign | None = None) -> bool:
         """Whether the user holds the permission ``action`` needs (ACTION_PERMISSIONS)."""

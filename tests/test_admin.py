@@ -242,3 +242,31 @@ def test_marketing_template_with_footer_saves(admin_client):
     )
     assert response.status_code == 302
     assert Template.objects.get(slug="promo").purpose == Template.Purpose.MARKETING
+
+
+@pytest.mark.parametrize("status", ["sending", "testing", "waiting", "paused"])
+def test_a_campaign_with_mail_on_the_way_cannot_be_deleted_until_cancelled(admin_client, status):
+    from mailer.models import Campaign
+
+    campaign = Campaign.objects.create(name="Live", status=status)
+    message = MessageFactory(to_email="live@example.com", campaign=campaign, kind="campaign")
+
+    page = admin_client.post(
+        reverse("admin:mailer_campaign_delete", args=[campaign.pk]), {"post": "yes"}
+    )
+    bulk = admin_client.post(
+        reverse("admin:mailer_campaign_changelist"),
+        {"action": "delete_selected", "_selected_action": [campaign.pk], "post": "yes"},
+    )
+
+    assert page.status_code == 403
+    assert bulk.status_code == 403
+    assert Campaign.objects.filter(pk=campaign.pk).exists()
+    assert Message.objects.filter(pk=message.pk).exists()
+
+    Campaign.objects.filter(pk=campaign.pk).update(status="cancelled")
+    gone = admin_client.post(
+        reverse("admin:mailer_campaign_delete", args=[campaign.pk]), {"post": "yes"}
+    )
+    assert gone.status_code == 302
+    assert not Campaign.objects.filter(pk=campaign.pk).exists()

@@ -98,7 +98,30 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 id="mailer.W001",
             )
         )
+    errors.extend(check_sender())
     errors.extend(check_dkim())
+    return errors
+
+
+def check_sender() -> list[checks.CheckMessage]:
+    """The sender settings reach every email's From header: a line break there breaks
+    every email (or writes headers of its own)."""
+    from django.conf import settings
+
+    from .exceptions import HeaderInjection
+    from .models import header_safe
+
+    values = {
+        "MAILER['FROM_NAME']": conf.get("FROM_NAME"),
+        "MAILER['FROM_EMAIL']": conf.get("FROM_EMAIL"),
+        "DEFAULT_FROM_EMAIL": settings.DEFAULT_FROM_EMAIL,
+    }
+    errors: list[checks.CheckMessage] = []
+    for name, value in values.items():
+        try:
+            header_safe(value, name)
+        except HeaderInjection as exc:
+            errors.append(checks.Error(str(exc), id="mailer.E001"))
     return errors
 
 

@@ -242,3 +242,10 @@ def test_the_default_site_url_with_debug_off_is_warning_w005(settings):
 
     settings.MAILER = {**settings.MAILER, "SITE_URL": "https://shop.example.com"}
     assert "mailer.W005" not in host_ids()
+
+
+@pytest.mark.parametrize("key", ["FROM_NAME", "FROM_EMAIL"])
+def test_a_sender_setting_with_a_line_break_is_error_e001(settings, key):
+    settings.MAILER = {**settings.MAILER, key: "News\r\nBcc: everyone@example.com"}
+
+    assert "mailer.E001" in mailer_ids()

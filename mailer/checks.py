@@ -29,6 +29,10 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         conf.quota_timezone()
     except MailerConfigurationError as exc:
         errors.append(checks.Error(str(exc), id="mailer.E001"))
+    try:
+        conf.template_limits()
+    except MailerConfigurationError as exc:
+        errors.append(checks.Error(str(exc), id="mailer.E001"))
 
     visibility = conf.broker_visibility_timeout()
     countdown = float(conf.get("MAX_COUNTDOWN"))

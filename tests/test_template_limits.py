@@ -16,7 +16,7 @@ import pytest
 from django.urls import reverse
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mailer import api, delivery, rendering, sandbox
+from mailer import api, checks, delivery, rendering, sandbox
 from mailer.exceptions import MailerConfigurationError, TemplateError, TemplateLimitExceeded
 from mailer.models import Kind, Message, MessageStatus, Template
 from tests.factories import MessageFactory, TemplateFactory
@@ -292,6 +292,16 @@ def test_malformed_limits_are_a_configuration_error(settings, values, message):
         rendering.Compiled(source("<p>{{ recipient }}</p>")).render(sample())
 
     assert message in str(caught.value)
+
+
+def test_malformed_limits_fail_the_system_check(settings):
+    limits(settings, OUTPUT_CHARS=0)
+
+    errors = checks.check_settings()
+
+    assert [e.id for e in errors if "TEMPLATE_LIMITS'" in e.msg] == ["mailer.E001"]
+    limits(settings, OUTPUT_CHARS=1000)
+    assert not [e for e in checks.check_settings() if "TEMPLATE_LIMITS" in e.msg]
 
 
 # --- Saving in the admin ------------------------------------------------------------------------

@@ -38,6 +38,27 @@ DEFAULTS: dict[str, Any] = {
     # Absolute base URL for links in emails when no request is at hand.
     "SITE_URL": "http://localhost:8000",
     "DEFAULT_LANGUAGE": "en",
+    # Bounds on every render of a template (on save, in previews, when sending); reaching
+    # one stops that render with a TemplateLimitExceeded naming it (mailer.sandbox).
+    "TEMPLATE_LIMITS": {
+        # Characters one part (subject, HTML or text) may write; no single value it builds
+        # may be larger either.
+        "OUTPUT_CHARS": 1_000_000,
+        # Characters of strings and list items one part may build, all values together.
+        "MEMORY_CHARS": 10_000_000,
+        # Loop iterations and macro calls in one part.
+        "ITERATIONS": 100_000,
+        # Items one range() may have.
+        "RANGE": 10_000,
+        # Macro calls and recursive loops nested in one another.
+        "RECURSION": 20,
+        # Database templates included (imported, extended) within one another.
+        "INCLUDE_DEPTH": 5,
+        # The largest integer a template may compute, in bits (4096: about 1,200 digits).
+        "NUMBER_BITS": 4096,
+        # CPU seconds one part may take.
+        "CPU_SECONDS": 1.0,
+    },
     # Messages a worker claims and sends over one connection at a time.
     "BATCH_SIZE": 100,
     # Connections to the server (or concurrent API calls) each worker process sends
@@ -84,27 +105,6 @@ DEFAULTS: dict[str, Any] = {
     "TEMPLATE_CACHE_SECONDS": 5,
     # Extra names allowed in every template besides the standard context.
     "EXTRA_CONTEXT": [],
-    # Bounds on every render of a template (on save, in previews, when sending); reaching
-    # one stops that render with a TemplateLimitExceeded naming it (mailer.sandbox).
-    "TEMPLATE_LIMITS": {
-        # Characters one part (subject, HTML or text) may write; no single value it builds
-        # may be larger either.
-        "OUTPUT_CHARS": 1_000_000,
-        # Characters of strings and list items one part may build, all values together.
-        "MEMORY_CHARS": 10_000_000,
-        # Loop iterations and macro calls in one part.
-        "ITERATIONS": 100_000,
-        # Items one range() may have.
-        "RANGE": 10_000,
-        # Macro calls and recursive loops nested in one another.
-        "RECURSION": 20,
-        # Database templates included (imported, extended) within one another.
-        "INCLUDE_DEPTH": 5,
-        # The largest integer a template may compute, in bits (4096: about 1,200 digits).
-        "NUMBER_BITS": 4096,
-        # CPU seconds one part may take.
-        "CPU_SECONDS": 1.0,
-    },
     # Own open/click tracking for SMTP set-ups. None: on unless an anymail ESP sends
     # (the ESP tracks then). Applies to marketing and drip mail only.
     "TRACK_OPENS": None,

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "ITERATIONS": 100_000,
         # Items one range() may have.
         "RANGE": 10_000,
-        # Macro calls and recursive loops nested in one another.
+        # Calls of macros, blocks and recursive loops nested in one another.
         "RECURSION": 20,
         # Database templates included (imported, extended) within one another.
         "INCLUDE_DEPTH": 5,

@@ -25,7 +25,7 @@ from itertools import islice
 from typing import Any
 
 from jinja2 import TemplateSyntaxError, nodes, pass_context
-from jinja2.runtime import Context, LoopContext, Macro, markup_join, str_join
+from jinja2.runtime import BlockReference, Context, LoopContext, Macro, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
@@ -117,12 +117,14 @@ class Budget:
         )
 
     def enter(self) -> None:
-        """A macro call or a recursive loop's call, nested in the ones running."""
+        """A call of a macro, of a block (``self.name()``, ``super()``) or of a recursive loop,
+        nested in the ones running."""
         self.step()
         if self.depth >= self.limits.recursion:
             raise exceeded(
                 "RECURSION",
-                f"nested macro calls or recursive loops more than {self.limits.recursion} deep",
+                "nested macro or block calls or recursive loops more than "
+                f"{self.limits.recursion} deep",
             )
         self.depth += 1
 
@@ -357,8 +359,9 @@ def _check_binop(budget: Budget, operator: str, left: Any, right: Any) -> None:
         sequence, times = (left, right) if _is_int(right) else (right, left)
         if _is_int(times) and times > 0 and isinstance(sequence, str | bytes | list | tuple):
             budget.refuse(measure(sequence, budget.room()) * times, "repeating a value with *")
-    elif operator == "%" and isinstance(left, str):
-        budget.refuse(_percent_size(left, right, budget.room()), "formatting with %")
+    elif operator == "%" and isinstance(left, str | bytes):
+        fmt = left.decode("latin-1") if isinstance(left, bytes) else left
+        budget.refuse(_percent_size(fmt, right, budget.room()), "formatting with %")
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -719,7 +722,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         budget = _active.budget or current()
-        if isinstance(__obj, Macro | LoopContext):
+        if isinstance(__obj, Macro | LoopContext | BlockReference):  # may recurse
             if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive loop
                 args = (budget.iterate(args[0]), *args[1:])
             budget.enter()

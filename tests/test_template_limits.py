@@ -42,6 +42,7 @@ RUNAWAY = {
     "str.ljust": ("<p>{{ 'a'.ljust(1000000000) }}</p>", "OUTPUT_CHARS"),
     "str.format width": ("<p>{{ '{:>1000000000}'.format('a') }}</p>", "OUTPUT_CHARS"),
     "% width": ("<p>{{ '%1000000000s' % 'a' }}</p>", "OUTPUT_CHARS"),
+    "% width on bytes": ("<p>{{ '%1000000000s'.encode() % ('a'.encode(),) }}</p>", "OUTPUT_CHARS"),
     "int.to_bytes": ("<p>{{ (1).to_bytes(1000000000, 'big')|length }}</p>", "OUTPUT_CHARS"),
     "lipsum": ("<p>{{ lipsum(1000000, max=1000000) }}</p>", "OUTPUT_CHARS"),
     "doubling with ~": (
@@ -60,6 +61,10 @@ RUNAWAY = {
     ),
     "range(10**9)": ("{% for i in range(10**9) %}{{ i }}{% endfor %}", "RANGE"),
     "deep macro recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RECURSION"),
+    "a block calling itself": (
+        "{% block b %}{{ self.b() }}{{ self.b() }}{% endblock %}",
+        "RECURSION",
+    ),
     "endless recursive loop": (
         "{% for c in 'ab' recursive %}{{ loop('ab') }}{% endfor %}",
         "RECURSION",

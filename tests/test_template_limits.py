@@ -430,6 +430,36 @@ def test_sending_a_hostile_template_fails_that_message_and_the_batch_goes_on(
     assert [m.rcpt_tos for m in smtp.messages] == [["ada@example.com"]]
 
 
+@pytest.mark.parametrize("html", INTERNALS.values(), ids=INTERNALS)
+def test_sending_a_template_reaching_for_internals_fails_that_message(
+    html, smtp, broker, django_capture_on_commit_callbacks
+):
+    stored(html)
+    with django_capture_on_commit_callbacks(execute=True):
+        hostile = api.send("hostile", to="target@example.com")
+        fine = api.send("welcome", to="ada@example.com", context=WELCOME)
+
+    assert delivery.drain(Kind.TRANSACTIONAL) == 1
+
+    hostile.refresh_from_db()
+    assert hostile.status == MessageStatus.FAILED
+    assert "refused by the sandbox" in hostile.last_error
+    fine.refresh_from_db()
+    assert fine.status == MessageStatus.SENT
+
+
+def test_a_stored_include_cycle_is_shown_in_the_preview_and_refused_when_sending(admin_client):
+    template = stored("<p>{% include 'hostile' %}</p>")
+
+    response = admin_client.get(reverse("admin:mailer_template_change", args=[template.pk]))
+
+    assert response.status_code == 200
+    assert "including hostile → hostile goes round in a cycle" in response.content.decode()
+    with pytest.raises(TemplateError):
+        api.send("hostile", to="target@example.com")
+    assert not Message.objects.exists()
+
+
 def test_a_message_queued_before_its_template_turned_hostile_fails_at_send(smtp, broker):
     TemplateFactory(slug="news")
     message = MessageFactory(template_slug="news", context={})

@@ -119,6 +119,7 @@ class Compiled:
 
     @classmethod
     def subject_only(cls, source: str) -> Compiled:
+        """An A/B variant's subject: no HTML, no text, nothing to include."""
         built = cls.__new__(cls)
         built.partials, built.partial_keys = {}, {}
         built.subject = _compile(_text_env, source, "subject")
@@ -132,7 +133,7 @@ class Compiled:
         )
 
     def render_subject(
-        self, context: dict[str, Any], limits: sandbox.Limits | None = None, *, sample=False
+        self, context: dict[str, Any], limits: sandbox.Limits | None = None, *, sample: bool = False
     ) -> str:
         limits = limits or sandbox.Limits.configured()
         subject = _run(self.subject, context, "subject", limits, sample=sample).strip()
@@ -165,6 +166,8 @@ class Compiled:
 
 
 class _NoTextPart(Exception):
+    """An included template has no text part and none can be derived from its HTML."""
+
     def __init__(self, slug: str):
         super().__init__(slug)
         self.slug = slug

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, nodes, pass_context
+from jinja2 import Template, TemplateSyntaxError, nodes, pass_context
 from jinja2.runtime import BlockReference, Context, LoopContext, Macro, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, generate_lorem_ipsum
@@ -76,17 +76,21 @@ _configured: dict[tuple, Limits] = {}
 
 
 def exceeded(limit: str, message: str) -> TemplateLimitExceeded:
+    """The error for a bound reached, naming the setting to raise if it was legitimate."""
     return TemplateLimitExceeded(f"{message} (TEMPLATE_LIMITS {limit}).", limit=limit)
 
 
 class Budget:
     """What one render of one part has used so far; every hook below charges it."""
 
-    __slots__ = ("limits", "partials", "written", "made", "steps", "depth", "ticks", "deadline")
+    __slots__ = (
+        "limits", "partials", "small", "written", "made", "steps", "depth", "ticks", "deadline",
+    )  # fmt: skip
 
     def __init__(self, limits: Limits, partials: Mapping[str, Any] | None = None):
         self.limits = limits
         self.partials = partials or {}
+        self.small = min(_SMALL, limits.output_chars)  # charged without the checks
         self.written = self.made = self.steps = self.depth = 0
         self.ticks = 127  # the first tick starts the clock: a plain template never reads it
         self.deadline = 0.0
@@ -161,7 +165,7 @@ class Budget:
         """Count a value the template built; refuse it if it is too large."""
         if isinstance(value, str):
             size = len(value)
-            if size <= _SMALL:  # nearly always: skip the checks of a large one
+            if size <= self.small:  # nearly always: skip the checks of a large one
                 self.made += size
                 if self.made <= self.limits.memory_chars:
                     return value
@@ -194,7 +198,7 @@ class Budget:
             yield item
 
 
-#: A string this short is charged without the checks: it cannot reach a limit by itself.
+#: A string this short is charged without the checks, unless OUTPUT_CHARS is shorter.
 _SMALL = 4096
 
 
@@ -216,7 +220,7 @@ def current() -> Budget:
 _CHUNKS = 32
 
 
-def render(template, context: Mapping[str, Any], budget: Budget) -> str:
+def render(template: Template, context: Mapping[str, Any], budget: Budget) -> str:
     """Render within the budget, counting the output as it streams: a template that writes
     too much stops there instead of after the process has held all of it."""
     previous = _active.budget
@@ -705,7 +709,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         *,
         resolve: Callable[[str, int], str] | None = None,
         count_all: bool = False,
-    ):
+    ) -> Template:
         """Parse and compile ``source`` rewritten for the budget. ``resolve`` turns the slug
         an include names into a compiled partial's key (None: including is refused);
         ``count_all``: count everything written, as for a template included in a macro."""

@@ -38,6 +38,27 @@ DEFAULTS: dict[str, Any] = {
     # Absolute base URL for links in emails when no request is at hand.
     "SITE_URL": "http://localhost:8000",
     "DEFAULT_LANGUAGE": "en",
+    # Bounds on every render of a template (on save, in previews, when sending); reaching
+    # one stops that render with a TemplateLimitExceeded naming it (mailer.sandbox).
+    "TEMPLATE_LIMITS": {
+        # Characters one part (subject, HTML or text) may write; no single value it builds
+        # may be larger either.
+        "OUTPUT_CHARS": 1_000_000,
+        # Characters of strings and list items one part may build, all values together.
+        "MEMORY_CHARS": 10_000_000,
+        # Loop iterations and macro calls in one part.
+        "ITERATIONS": 100_000,
+        # Items one range() may have.
+        "RANGE": 10_000,
+        # Calls of macros, blocks and recursive loops nested in one another.
+        "RECURSION": 20,
+        # Database templates included (imported, extended) within one another.
+        "INCLUDE_DEPTH": 5,
+        # The largest integer a template may compute, in bits (4096: about 1,200 digits).
+        "NUMBER_BITS": 4096,
+        # CPU seconds one part may take.
+        "CPU_SECONDS": 1.0,
+    },
     # Messages a worker claims and sends over one connection at a time.
     "BATCH_SIZE": 100,
     # Connections to the server (or concurrent API calls) each worker process sends
@@ -198,6 +219,25 @@ def get(name: str) -> Any:
     if isinstance(DEFAULTS[name], dict) and isinstance(value, dict):
         return {**DEFAULTS[name], **value}
     return value
+
+
+def template_limits() -> dict[str, int | float]:
+    """MAILER['TEMPLATE_LIMITS'] over its defaults, each a positive number (refused otherwise:
+    a zero or a typo would silently make every render fail, or none bounded)."""
+    limits = get("TEMPLATE_LIMITS")
+    for name, value in limits.items():
+        if name not in DEFAULTS["TEMPLATE_LIMITS"]:
+            raise MailerConfigurationError(
+                f"MAILER['TEMPLATE_LIMITS'] has an unknown key {name!r}; the keys are "
+                f"{', '.join(DEFAULTS['TEMPLATE_LIMITS'])}."
+            )
+        number = (int, float) if name == "CPU_SECONDS" else int
+        if isinstance(value, bool) or not isinstance(value, number) or value <= 0:
+            raise MailerConfigurationError(
+                f"MAILER['TEMPLATE_LIMITS'][{name!r}] is {value!r}: it must be a positive "
+                f"{'number of seconds' if name == 'CPU_SECONDS' else 'whole number'}."
+            )
+    return limits
 
 
 def queue_name(queue: str) -> str:

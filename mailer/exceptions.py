@@ -32,6 +32,15 @@ class TemplateError(FieldError):
     """A template does not parse, uses an unknown variable or breaks the sandbox."""
 
 
+class TemplateLimitExceeded(TemplateError):
+    """A render reached one of MAILER['TEMPLATE_LIMITS'] (``limit`` names which): the
+    template stops there, whatever it was doing, and the process carries on."""
+
+    def __init__(self, message: str, *, limit: str, field: str | None = None):
+        super().__init__(message, field=field)
+        self.limit = limit
+
+
 class SegmentError(FieldError):
     """A segment rule that cannot be evaluated: unknown field, wrong operator, bad value."""
 

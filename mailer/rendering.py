@@ -1,7 +1,8 @@
-"""Finding, validating and rendering email templates in Jinja2's sandbox.
+"""Finding, validating and rendering email templates in Jinja2's sandbox, bounded.
 
-Per template version (cached): parse, inline CSS, derive the text part. Per recipient:
-three Jinja renders, nothing else.
+Per template version (cached): parse, inline CSS, derive the text part, compile what it
+includes. Per recipient: three Jinja renders within TEMPLATE_LIMITS (mailer.sandbox),
+nothing else.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from inscriptis.model.config import ParserConfig
 from jinja2 import TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaTemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from . import conf
-from .exceptions import HeaderInjection, TemplateError, TemplateNotFound
+from . import conf, sandbox
+from .exceptions import HeaderInjection, TemplateError, TemplateLimitExceeded, TemplateNotFound
 from .models import Template
 
 #: Names every template may use without declaring them.
@@ -50,13 +50,14 @@ BUILTIN_VARIABLES: dict[str, frozenset[str]] = {
     "password_reset": frozenset({"user_name", "reset_url", "expires_hours"}),
 }
 
-_html_env = ImmutableSandboxedEnvironment(autoescape=True, auto_reload=False)
-_text_env = ImmutableSandboxedEnvironment(autoescape=False, auto_reload=False)
+_html_env = sandbox.BoundedEnvironment(autoescape=True)
+_text_env = sandbox.BoundedEnvironment(autoescape=False)
 _JINJA_GLOBALS = frozenset(_html_env.globals)
 _JINJA_TAG = re.compile(r"{{.*?}}|{%.*?%}|{#.*?#}", re.S)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 _inliner = css_inline.CSSInliner(load_remote_stylesheets=False, keep_style_tags=True)
 _text_config = ParserConfig(css=CSS_PROFILES["strict"], display_links=True)
+_SLUG = re.compile(r"[-a-zA-Z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -81,50 +82,205 @@ class Rendered:
 
 
 class Compiled:
-    """A template version ready to render many times."""
+    """A template version ready to render many times.
 
-    def __init__(self, source: Source):
+    What it includes, imports or extends is resolved now, in its language, and compiled
+    with it: rendering needs no database, and a stale include is noticed by ``compiled``.
+    ``unsaved`` stands for the row of its slug while a template is being validated.
+    """
+
+    def __init__(self, source: Source, *, unsaved: Source | None = None):
         self.source = source
+        self.unsaved = unsaved
+        self.partials: dict[str, Any] = {}  # "html:footer" -> its compiled template
+        self.partial_keys: dict[tuple, tuple] = {}  # (slug, languages) -> the row's cache key
         self.subject = _compile(_text_env, source.subject, "subject")
         inlined = _inline_css_source(source.html)
+        html = _Partials(self, "html")
+        self.html = _compile(_html_env, inlined or source.html, "html", html)
+        if html.used and inlined is not None:  # what it includes is inlined with it, per render
+            inlined = None
+            self.html = _compile(_html_env, source.html, "html", html)
         self.inline_per_render = inlined is None
-        self.html = _compile(_html_env, inlined or source.html, "html")
+        self.text = None
         text_source = source.text or _derive_text_source(source.html)
-        self.text_per_render = text_source is None
-        self.text = _compile(_text_env, text_source, "text") if text_source else None
+        if text_source:
+            try:
+                self.text = _compile(_text_env, text_source, "text", _Partials(self, "text"))
+            except _NoTextPart as missing:
+                if source.text:
+                    raise TemplateError(
+                        f"text: the included template {missing.slug!r} has no text part, and "
+                        "none can be derived from its HTML; give it one.",
+                        field="text",
+                    ) from None
+        self.text_per_render = self.text is None
+        self.unsaved = None
 
-    def render_subject(self, context: dict[str, Any]) -> str:
-        subject = _run(self.subject, context, "subject").strip()
+    @classmethod
+    def subject_only(cls, source: str) -> Compiled:
+        """An A/B variant's subject: no HTML, no text, nothing to include."""
+        built = cls.__new__(cls)
+        built.partials, built.partial_keys = {}, {}
+        built.subject = _compile(_text_env, source, "subject")
+        return built
+
+    def current(self) -> bool:
+        """False once a template it includes was changed or deleted."""
+        return all(
+            getattr(_database_template(slug, list(languages)), "cache_key", None) == key
+            for (slug, languages), key in self.partial_keys.items()
+        )
+
+    def render_subject(
+        self, context: dict[str, Any], limits: sandbox.Limits | None = None, *, sample: bool = False
+    ) -> str:
+        limits = limits or sandbox.Limits.configured()
+        subject = _run(self.subject, context, "subject", limits, sample=sample).strip()
         if "\r" in subject or "\n" in subject:
             raise HeaderInjection("The rendered subject contains a line break.")
         return subject
 
-    def render(self, context: dict[str, Any]) -> Rendered:
-        subject = self.render_subject(context)
-        html = _run(self.html, context, "html")
+    def render(self, context: dict[str, Any], *, sample: bool = False) -> Rendered:
+        """Render all three parts, each within TEMPLATE_LIMITS.
+
+        ``sample``: the context holds sample values (validation, previews), so an error
+        that real values would not raise leaves that part empty instead of failing; a
+        limit, the sandbox or an undefined name still fail.
+        """
+        limits = sandbox.Limits.configured()
+        subject = self.render_subject(context, limits, sample=sample)
+        html = _run(self.html, context, "html", limits, self.partials, sample=sample)
         if self.inline_per_render:
-            html = _inliner.inline(html)
+            try:
+                html = _inliner.inline(html)
+            except ValueError as exc:
+                raise TemplateError(
+                    f"html: the CSS cannot be inlined: {exc}", field="html"
+                ) from None
         if self.text is not None:
-            text = _run(self.text, context, "text")
+            text = _run(self.text, context, "text", limits, self.partials, sample=sample)
         else:
             text = html_to_text(html)
         return Rendered(subject=subject, html=html, text=_BLANK_LINES.sub("\n\n", text).strip())
 
 
-def _compile(env: ImmutableSandboxedEnvironment, source: str, field: str):
+class _NoTextPart(Exception):
+    """An included template has no text part and none can be derived from its HTML."""
+
+    def __init__(self, slug: str):
+        super().__init__(slug)
+        self.slug = slug
+
+
+class _Partials:
+    """Resolves the slugs one part includes, imports or extends to database templates in
+    the includer's languages (never files), compiles each once, and refuses a cycle or
+    nesting past INCLUDE_DEPTH."""
+
+    def __init__(self, compiled: Compiled, part: str, chain: tuple[str, ...] = ()):
+        self.compiled, self.part = compiled, part
+        self.chain = chain or (compiled.source.slug,)
+        self.used = False
+
+    def __call__(self, slug: str, lineno: int) -> str:
+        compiled, part = self.compiled, self.part
+        if not _SLUG.fullmatch(slug):
+            raise TemplateSyntaxError(
+                f"{slug!r} is not a template's slug: include, import and extends name "
+                "another template saved here, never a file.",
+                lineno,
+            )
+        if slug in self.chain:
+            raise TemplateSyntaxError(
+                f"including {' → '.join((*self.chain, slug))} goes round in a cycle.", lineno
+            )
+        depth = sandbox.Limits.configured().include_depth
+        if len(self.chain) > depth:
+            raise TemplateLimitExceeded(
+                f"{part}: line {lineno}: templates included more than {depth} deep "
+                "(TEMPLATE_LIMITS INCLUDE_DEPTH).",
+                limit="INCLUDE_DEPTH",
+                field=part,
+            )
+        languages = language_candidates(compiled.source.language)
+        unsaved = compiled.unsaved
+        found = unsaved if unsaved and unsaved.slug == slug else _database_template(slug, languages)
+        if found is None:
+            raise TemplateSyntaxError(f"there is no template {slug!r} to include.", lineno)
+        compiled.partial_keys[(slug, tuple(languages))] = found.cache_key
+        key = f"{part}:{slug}"
+        if key not in compiled.partials:
+            if part == "html":
+                text = found.html
+            else:
+                text = found.text or _derive_text_source(found.html)
+                if not text:
+                    raise _NoTextPart(slug)
+            env = _html_env if part == "html" else _text_env
+            nested = _Partials(compiled, part, (*self.chain, slug))
+            compiled.partials[key] = _compile(env, text, part, nested, count_all=True, name=slug)
+        self.used = True
+        return key
+
+
+def _compile(
+    env: sandbox.BoundedEnvironment,
+    source: str,
+    field: str,
+    resolve: _Partials | None = None,
+    *,
+    count_all: bool = False,
+    name: str | None = None,
+):
+    where = f"{field}: in the included template {name!r}" if name else field
     try:
-        return env.from_string(source)
+        return env.bounded(source, resolve=resolve, count_all=count_all)
     except TemplateSyntaxError as exc:
-        raise TemplateError(f"{field}: line {exc.lineno}: {exc.message}", field=field) from None
+        raise TemplateError(f"{where}: line {exc.lineno}: {exc.message}", field=field) from None
+    except (SyntaxError, RecursionError, MemoryError):
+        # Python's own limits: 20 nested blocks, 200 nested parentheses.
+        raise TemplateError(f"{where}: nested too deeply to compile.", field=field) from None
 
 
-def _run(template, context: dict[str, Any], field: str) -> str:
+#: What a sandboxed render of JSON values can raise besides Jinja's errors: the template's
+#: fault, never the infrastructure's (it reads no database and no network).
+_RENDER_FAULTS = (
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    TypeError,
+    ValueError,
+    RuntimeError,  # RecursionError, a generator's StopIteration
+    MemoryError,
+    JinjaTemplateError,
+)
+
+
+def _run(
+    template,
+    context: dict[str, Any],
+    field: str,
+    limits: sandbox.Limits,
+    partials: dict[str, Any] | None = None,
+    *,
+    sample: bool = False,
+) -> str:
     try:
-        return template.render(context)
+        return sandbox.render(template, context, sandbox.Budget(limits, partials))
+    except TemplateLimitExceeded as exc:
+        raise TemplateLimitExceeded(f"{field}: {exc}", limit=exc.limit, field=field) from None
     except SecurityError as exc:
         raise TemplateError(f"{field}: refused by the sandbox: {exc}", field=field) from None
-    except JinjaTemplateError as exc:
+    except UndefinedError as exc:
         raise TemplateError(f"{field}: {exc}", field=field) from None
+    except _RENDER_FAULTS as exc:
+        if sample and not isinstance(exc, RuntimeError | MemoryError):
+            return ""  # sample values are not real data; recursion and memory do not depend on them
+        if isinstance(exc, JinjaTemplateError):
+            raise TemplateError(f"{field}: {exc}", field=field) from None
+        detail = f"{type(exc).__name__}: {exc}"[:200].rstrip(": ")
+        raise TemplateError(f"{field}: {detail}", field=field) from None
 
 
 def _mask(source: str, token: str) -> tuple[str, list[str]]:
@@ -196,12 +352,14 @@ _CACHE_SIZE = 256
 
 
 def compiled(source: Source) -> Compiled:
-    """The compiled form of a source, built once per template version."""
+    """The compiled form of a source, built once per template version (and again when a
+    template it includes changes)."""
     with _cache_lock:
         hit = _cache.get(source.cache_key)
         if hit is not None:
             _cache.move_to_end(source.cache_key)
-            return hit
+    if hit is not None and hit.current():
+        return hit
     built = Compiled(source)
     with _cache_lock:
         _cache[source.cache_key] = built
@@ -216,8 +374,7 @@ def subject_template(source: str) -> Compiled:
     with _cache_lock:
         hit = _cache.get(key)
     if hit is None:
-        hit = Compiled.__new__(Compiled)
-        hit.subject = _compile(_text_env, source, "subject")
+        hit = Compiled.subject_only(source)
         with _cache_lock:
             _cache[key] = hit
     return hit
@@ -236,7 +393,7 @@ def language_candidates(*languages: str | None) -> list[str]:
     return out
 
 
-_found: dict[tuple, tuple[float, Source]] = {}
+_found: dict[tuple, tuple[float, Source | None]] = {}
 
 
 def forget_templates() -> None:
@@ -267,27 +424,11 @@ def find_template(slug: str, *languages: str | None) -> Source:
 
 
 def _lookup_template(slug: str, candidates: list[str]) -> Source:
-    rows = {
-        row.language: row
-        for row in Template.objects.filter(slug=slug, language__in=candidates).only(
-            "id", "slug", "language", "subject", "html", "text", "version", "purpose"
-        )
-    }
+    rows = _database_rows(slug, candidates)
     for language in candidates:
         row = rows.get(language)
         if row is not None:
-            return Source(
-                slug=slug,
-                language=language,
-                subject=row.subject,
-                html=row.html,
-                text=row.text,
-                # The content is part of the key: SQLite reuses the id of a deleted row,
-                # and a new row starts again at version 1.
-                cache_key=("db", row.pk, row.version, hash((row.subject, row.html, row.text))),
-                template_id=row.pk,
-                purpose=row.purpose,
-            )
+            return _row_source(row)
         found = _file_template(slug, language)
         if found is not None:
             return found
@@ -295,6 +436,49 @@ def _lookup_template(slug: str, candidates: list[str]) -> Source:
         f"No template {slug!r} in languages {', '.join(candidates)} "
         "(neither a Template row nor templates/mailer/<slug>/)."
     )
+
+
+def _database_rows(slug: str, candidates: list[str]) -> dict[str, Template]:
+    return {
+        row.language: row
+        for row in Template.objects.filter(slug=slug, language__in=candidates).only(
+            "id", "slug", "language", "subject", "html", "text", "version", "purpose"
+        )
+    }
+
+
+def _row_source(row: Template) -> Source:
+    return Source(
+        slug=row.slug,
+        language=row.language,
+        subject=row.subject,
+        html=row.html,
+        text=row.text,
+        # The content is part of the key: SQLite reuses the id of a deleted row, and a new
+        # row starts again at version 1.
+        cache_key=("db", row.pk, row.version, hash((row.subject, row.html, row.text))),
+        template_id=row.pk,
+        purpose=row.purpose,
+    )
+
+
+def _database_template(slug: str, candidates: list[str]) -> Source | None:
+    """The database template an include names, in the first language that has one; never a
+    file. Cached as find_template's lookups are."""
+    key = ("partial", slug, tuple(candidates))
+    ttl = float(conf.get("TEMPLATE_CACHE_SECONDS"))
+    hit = _found.get(key)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    rows = _database_rows(slug, candidates)
+    row = next((rows[language] for language in candidates if language in rows), None)
+    source = _row_source(row) if row is not None else None
+    if ttl > 0:
+        if len(_found) > 1024:
+            _found.clear()
+        _found[key] = (now, source)
+    return source
 
 
 def _template_dirs() -> list[Path]:
@@ -344,7 +528,9 @@ def allowed_names(slug: str, declared: set[str] | frozenset[str] = frozenset()) 
 
 
 def validate_template(template: Any) -> None:
-    """Refuse a template that does not parse, uses unknown names or leaves the sandbox.
+    """Refuse a template that does not parse, uses unknown names, leaves the sandbox,
+    includes anything but another saved template, or reaches a TEMPLATE_LIMITS bound when
+    rendered with sample values: one that saves, renders.
 
     ``template`` is a mailer Template (or anything with slug, subject, html, text and
     declared_variables). Raises TemplateError naming the field.
@@ -352,17 +538,26 @@ def validate_template(template: Any) -> None:
     allowed = allowed_names(template.slug, template.declared_variables)
     if "\n" in template.subject or "\r" in template.subject:
         raise TemplateError("subject: must be one line.", field="subject")
+    longest = sandbox.Limits.configured().output_chars
     parts = {"subject": template.subject, "html": template.html, "text": template.text}
     for field, source in parts.items():
         if not source:
             if field != "text":
                 raise TemplateError(f"{field}: may not be empty.", field=field)
             continue
+        if len(source) > longest:
+            raise TemplateLimitExceeded(
+                f"{field}: longer than {longest} characters (TEMPLATE_LIMITS OUTPUT_CHARS).",
+                limit="OUTPUT_CHARS",
+                field=field,
+            )
         env = _html_env if field == "html" else _text_env
         try:
             ast = env.parse(source)
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{field}: line {exc.lineno}: {exc.message}", field=field) from None
+        except RecursionError:
+            raise TemplateError(f"{field}: nested too deeply to compile.", field=field) from None
         unknown = sorted(meta.find_undeclared_variables(ast) - allowed)
         if unknown:
             raise TemplateError(
@@ -371,9 +566,18 @@ def validate_template(template: Any) -> None:
                 field=field,
             )
         _refuse_private_access(ast, field)
-        _sample_render(env, source, allowed, field)
         if field == "html" and getattr(template, "purpose", "") == "marketing":
             _require_marketing_footer(ast)
+    unsaved = Source(
+        slug=template.slug,
+        language=getattr(template, "language", "") or conf.get("DEFAULT_LANGUAGE"),
+        subject=template.subject,
+        html=template.html,
+        text=template.text,
+        cache_key=("unsaved",),
+    )
+    # Compiled as it will be sent (CSS, text part, includes), then rendered as a preview is.
+    Compiled(unsaved, unsaved=unsaved).render(sample_context(allowed), sample=True)
 
 
 def _require_marketing_footer(ast: nodes.Template) -> None:
@@ -425,17 +629,6 @@ def sample_context(names: set[str]) -> dict[str, Any]:
         expires_hours=72,
     )
     return context
-
-
-def _sample_render(env, source: str, allowed: set[str], field: str) -> None:
-    try:
-        env.from_string(source).render(sample_context(allowed))
-    except SecurityError as exc:
-        raise TemplateError(f"{field}: refused by the sandbox: {exc}", field=field) from None
-    except UndefinedError as exc:
-        raise TemplateError(f"{field}: {exc}", field=field) from None
-    except Exception:  # noqa: BLE001, S110 - sample values are not real data; only the two above are template faults
-        pass
 
 
 def check_header(name: str, value: str) -> None:

@@ -437,8 +437,29 @@ class SegmentAdmin(admin.ModelAdmin):
             return f"Cannot evaluate: {exc}"
 
 
+class VariantForm(forms.ModelForm):
+    """A variant's subject is a template of its own: checked as a template's subject is."""
+
+    class Meta:
+        model = Variant
+        fields = ("label", "subject", "from_name", "template")
+
+    def _post_clean(self) -> None:
+        super()._post_clean()
+        subject = self.cleaned_data.get("subject")
+        if not subject or "subject" in self.errors:
+            return
+        campaign = self.instance.campaign if self.instance.campaign_id else None
+        template = self.cleaned_data.get("template") or getattr(campaign, "template", None)
+        try:
+            rendering.validate_subject(subject, template)
+        except MailerError as exc:
+            self.add_error("subject", str(exc))
+
+
 class VariantInline(admin.TabularInline):
     model = Variant
+    form = VariantForm
     extra = 0
     max_num = 5
     fields = ("label", "subject", "from_name", "template")

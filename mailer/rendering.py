@@ -580,6 +580,27 @@ def validate_template(template: Any) -> None:
     Compiled(unsaved, unsaved=unsaved).render(sample_context(allowed), sample=True)
 
 
+def validate_subject(subject: str, template: Any = None) -> None:
+    """An A/B variant's subject, held to what a template's subject is: it parses, uses
+    only names its template allows, stays in the sandbox and renders within the bounds.
+    Raises TemplateError (field "subject")."""
+    if "\n" in subject or "\r" in subject:
+        raise TemplateError("subject: must be one line.", field="subject")
+    slug = getattr(template, "slug", "")
+    allowed = allowed_names(slug, getattr(template, "declared_variables", None) or frozenset())
+    try:
+        ast = _text_env.parse(subject)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"subject: line {exc.lineno}: {exc.message}", field="subject") from None
+    except RecursionError:
+        raise TemplateError("subject: nested too deeply to compile.", field="subject") from None
+    unknown = sorted(meta.find_undeclared_variables(ast) - allowed)
+    if unknown:
+        raise TemplateError(f"subject: unknown variable(s) {', '.join(unknown)}.", field="subject")
+    _refuse_private_access(ast, "subject")
+    Compiled.subject_only(subject).render_subject(sample_context(allowed), sample=True)
+
+
 def _require_marketing_footer(ast: nodes.Template) -> None:
     """CAN-SPAM and RFC 8058: every marketing email has a way out and a postal address."""
     used = {node.name for node in ast.find_all(nodes.Name)}

@@ -1210,6 +1210,52 @@ def test_admin_creates_a_campaign_through_the_add_form(admin_client, newsletter,
     assert [v.label for v in campaign.variants.all()] == ["A", "B"]
 
 
+@pytest.mark.parametrize(
+    ("subject", "named"),
+    [
+        ("{{ range(10**9)|list|length }}", "RANGE"),
+        ("{{ ''.__class__.__mro__ }}", "not allowed"),
+        ("{{ secret_plan }}", "unknown variable"),
+        ("{% include '/etc/passwd' %}", "include"),
+        ("{{ 'a' * 10**9 }}", "TEMPLATE_LIMITS"),
+    ],
+)
+def test_admin_refuses_a_variant_subject_that_would_not_render(
+    admin_client, newsletter, everyone, subject, named
+):
+    page = admin_client.get(reverse("admin:mailer_campaign_add"))
+    data = {}
+    for inline in page.context["inline_admin_formsets"]:
+        management = inline.formset.management_form
+        for name in management.fields:
+            data[f"{management.prefix}-{name}"] = management[name].value()
+    data.update(
+        {
+            "name": "Hostile",
+            "template": newsletter.pk,
+            "segments": [everyone.pk],
+            "send_at_0": "",
+            "send_at_1": "",
+            "test_share": "20",
+            "winner_metric": "open_rate",
+            "test_window": "02:00:00",
+            "tie_rule": "variant_a",
+            "variants-TOTAL_FORMS": "2",
+            "variants-0-label": "A",
+            "variants-0-subject": "Fine {{ contact.name }}",
+            "variants-1-label": "B",
+            "variants-1-subject": subject,
+        }
+    )
+
+    response = admin_client.post(reverse("admin:mailer_campaign_add"), data)
+
+    assert response.status_code == 200
+    errors = str(response.context["inline_admin_formsets"][0].formset.errors)
+    assert named in errors, errors
+    assert not Campaign.objects.filter(name="Hostile").exists()
+
+
 @pytest.fixture
 def draft(newsletter, everyone):
     add_contacts(3)

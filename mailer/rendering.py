@@ -204,11 +204,22 @@ class _Partials:
                 field=part,
             )
         languages = language_candidates(compiled.source.language)
-        unsaved = compiled.unsaved
-        found = unsaved if unsaved and unsaved.slug == slug else _database_template(slug, languages)
-        if found is None:
-            raise TemplateSyntaxError(f"there is no template {slug!r} to include.", lineno)
-        compiled.partial_keys[(slug, tuple(languages))] = found.cache_key
+        if compiled.source.cache_key[0] == "file":
+            # A file template (shipped with mailer or the host's own) shares a layout
+            # from templates/mailer/layouts/; a database template never reaches a file.
+            found = _file_layout(slug)
+            if found is None:
+                raise TemplateSyntaxError(
+                    f"there is no layout templates/mailer/layouts/{slug}.html.", lineno
+                )
+        else:
+            unsaved = compiled.unsaved
+            found = (
+                unsaved if unsaved and unsaved.slug == slug else _database_template(slug, languages)
+            )
+            if found is None:
+                raise TemplateSyntaxError(f"there is no template {slug!r} to include.", lineno)
+            compiled.partial_keys[(slug, tuple(languages))] = found.cache_key
         key = f"{part}:{slug}"
         if key not in compiled.partials:
             if part == "html":
@@ -434,7 +445,7 @@ def _lookup_template(slug: str, candidates: list[str]) -> Source:
             return found
     raise TemplateNotFound(
         f"No template {slug!r} in languages {', '.join(candidates)} "
-        "(neither a Template row nor templates/mailer/<slug>/)."
+        "(neither a Template row nor a file templates/mailer/<slug>/)."
     )
 
 
@@ -481,12 +492,40 @@ def _database_template(slug: str, candidates: list[str]) -> Source | None:
     return source
 
 
+#: The built-in email templates and layouts, shipped inside the package: found even when
+#: the host's TEMPLATES has no APP_DIRS (or no Django engine at all).
+BUILT_IN_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
 def _template_dirs() -> list[Path]:
+    """The host's template directories first (its own templates/mailer/<slug>/ and
+    layouts replace mailer's), then mailer's own."""
     dirs: list[Path] = []
     for engine in engines.all():
         for directory in getattr(engine, "template_dirs", ()):
-            dirs.append(Path(directory))
+            if Path(directory) not in dirs:
+                dirs.append(Path(directory))
+    if BUILT_IN_TEMPLATES not in dirs:
+        dirs.append(BUILT_IN_TEMPLATES)
     return dirs
+
+
+def _file_layout(name: str) -> Source | None:
+    """templates/mailer/layouts/<name>.html (and .txt, else the text is derived), which
+    file templates include, import or extend by name."""
+    for base in _template_dirs():
+        html_file = base / "mailer" / "layouts" / f"{name}.html"
+        if html_file.is_file():
+            text_file = html_file.with_suffix(".txt")
+            return Source(
+                slug=name,
+                language="",
+                subject="",
+                html=html_file.read_text(encoding="utf-8"),
+                text=text_file.read_text(encoding="utf-8") if text_file.is_file() else "",
+                cache_key=("file", str(html_file), html_file.stat().st_mtime_ns),
+            )
+    return None
 
 
 def _file_template(slug: str, language: str) -> Source | None:
@@ -503,15 +542,46 @@ def _file_template(slug: str, language: str) -> Source | None:
                 mtimes = tuple(
                     f.stat().st_mtime_ns for f in (subject_file, html_file) if f.exists()
                 )
+                html = html_file.read_text(encoding="utf-8")
                 return Source(
                     slug=slug,
                     language=language,
                     subject=subject_file.read_text(encoding="utf-8").strip(),
-                    html=html_file.read_text(encoding="utf-8"),
+                    html=_flatten_layout(html) or html,
                     text=text_file.read_text(encoding="utf-8") if text_file.is_file() else "",
                     cache_key=("file", str(where), mtimes),
                 )
     return None
+
+
+_EXTENDS = re.compile(r"""\A\s*\{%-?\s*extends\s+["']([-a-zA-Z0-9_]+)["']\s*-?%\}""")
+_BLOCK = re.compile(
+    r"\{%-?\s*block\s+(\w+)\s*-?%\}(.*?)\{%-?\s*endblock(?:\s+\w+)?\s*-?%\}", re.DOTALL
+)
+
+
+def _flatten_layout(html: str, depth: int = 0) -> str | None:
+    """A file template that extends a layout, as one source: the layout with the child's
+    blocks put in. Its CSS is then inlined and its text derived once per version, not per
+    email (inheritance at render time costs ten times the render). None when the template
+    does more than fill plain blocks (nested blocks, super(), content outside blocks):
+    Jinja's own inheritance then runs at render time."""
+    match = _EXTENDS.match(html)
+    if match is None or depth > 5:
+        return None
+    layout = _file_layout(match.group(1))
+    if layout is None:
+        return None
+    rest = html[match.end() :]
+    blocks = {name: body for name, body in _BLOCK.findall(rest)}
+    nested = any("{% block" in body or "super()" in body for body in blocks.values())
+    if nested or _BLOCK.sub("", rest).strip() or any(
+        "{% block" in body or "{%- block" in body for _, body in _BLOCK.findall(layout.html)
+    ):
+        return None
+    flat = _BLOCK.sub(lambda m: blocks.get(m.group(1), m.group(2)), layout.html)
+    # A layout may extend another; what cannot be flattened further extends at render.
+    return _flatten_layout(flat, depth + 1) or flat
 
 
 # --- Validation -------------------------------------------------------------------------

@@ -249,3 +249,93 @@ def test_block_tags_inside_a_table_render_rows_in_place():
     lines = rendered.text.splitlines()
     assert lines.index("Before") < lines.index("first-row") < lines.index("second-row")
     assert lines.index("second-row") < lines.index("After")
+
+
+# --- File templates shipped in the package, and the host's own --------------------------------
+
+LAYOUT_CONTEXT = {
+    "user_name": "Ada",
+    "app_name": "Shop",
+    "login_url": "https://shop.example/login",
+    "recipient": "ada@example.com",
+    "site_url": "https://shop.example",
+    "language": "en",
+}
+
+
+def host_templates(settings, tmp_path, *, app_dirs: bool = True):
+    settings.TEMPLATES = [
+        {
+            "BACKEND": "django.template.backends.django.DjangoTemplates",
+            "DIRS": [tmp_path],
+            "APP_DIRS": app_dirs,
+            "OPTIONS": {},
+        }
+    ]
+    rendering.forget_templates()
+    return tmp_path / "mailer"
+
+
+def test_built_in_templates_ship_in_the_package_and_share_one_layout():
+    source = rendering.find_template("welcome", "en")
+
+    assert source.cache_key[1].startswith(str(rendering.BUILT_IN_TEMPLATES))
+    rendered = rendering.compiled(source).render(LAYOUT_CONTEXT)
+    assert "Welcome, Ada!" in rendered.html
+    assert "Shop · https://shop.example" in rendered.html  # the layout's footer block
+    assert "<title>Welcome</title>" in rendered.html
+
+
+def test_built_in_templates_are_found_without_app_template_dirs(settings, tmp_path):
+    host_templates(settings, tmp_path, app_dirs=False)
+
+    source = rendering.find_template("password_reset", "en")
+
+    assert source.cache_key[1].startswith(str(rendering.BUILT_IN_TEMPLATES))
+
+
+def test_a_host_replaces_a_built_in_template_and_the_layout(settings, tmp_path):
+    mine = host_templates(settings, tmp_path)
+    (mine / "welcome").mkdir(parents=True)
+    (mine / "welcome" / "subject.txt").write_text("Hello {{ user_name }}")
+    (mine / "welcome" / "body.html").write_text(
+        '{% extends "base" %}{% block content %}<p>Our own, {{ user_name }}.</p>{% endblock %}'
+    )
+    (mine / "layouts").mkdir()
+    (mine / "layouts" / "base.html").write_text(
+        "<html><body><div class=host>{% block content %}{% endblock %}</div>"
+        "<footer>{% block footer %}{{ app_name }}{% endblock %}</footer></body></html>"
+    )
+
+    rendered = rendering.compiled(rendering.find_template("welcome", "en")).render(LAYOUT_CONTEXT)
+
+    assert rendered.subject == "Hello Ada"
+    assert '<div class="host"><p>Our own, Ada.</p></div>' in rendered.html
+    assert "<footer>Shop</footer>" in rendered.html
+    # Another built-in template still comes from mailer, in the host's layout.
+    reset = rendering.find_template("password_reset", "en")
+    assert reset.cache_key[1].startswith(str(rendering.BUILT_IN_TEMPLATES))
+
+
+def test_a_layout_using_super_extends_at_render_time(settings, tmp_path):
+    mine = host_templates(settings, tmp_path)
+    (mine / "welcome").mkdir(parents=True)
+    (mine / "welcome" / "subject.txt").write_text("Hi")
+    (mine / "welcome" / "body.html").write_text(
+        '{% extends "base" %}{% block footer %}{{ super() }} · extra{% endblock %}'
+        "{% block content %}<p>Hi</p>{% endblock %}"
+    )
+
+    compiled = rendering.compiled(rendering.find_template("welcome", "en"))
+
+    assert compiled.inline_per_render  # not flattened: Jinja's own inheritance
+    assert "Shop · https://shop.example · extra" in compiled.render(LAYOUT_CONTEXT).html
+
+
+def test_a_database_template_never_extends_a_file_layout():
+    with pytest.raises(TemplateError, match="no template 'base'"):
+        TemplateFactory(
+            slug="sneaky",
+            subject="Hi",
+            html='{% extends "base" %}{% block content %}x{% endblock %}',
+        )

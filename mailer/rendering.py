@@ -560,6 +560,9 @@ _BLOCK = re.compile(
 )
 
 
+_BLOCK_TAG = re.compile(r"\{%-?\s*block\b")
+
+
 def _flatten_layout(html: str, depth: int = 0) -> str | None:
     """A file template that extends a layout, as one source: the layout with the child's
     blocks put in. Its CSS is then inlined and its text derived once per version, not per
@@ -573,10 +576,12 @@ def _flatten_layout(html: str, depth: int = 0) -> str | None:
     if layout is None:
         return None
     rest = html[match.end() :]
-    blocks = {name: body for name, body in _BLOCK.findall(rest)}
-    nested = any("{% block" in body or "super()" in body for body in blocks.values())
-    if nested or _BLOCK.sub("", rest).strip() or any(
-        "{% block" in body or "{%- block" in body for _, body in _BLOCK.findall(layout.html)
+    blocks = dict(_BLOCK.findall(rest))
+    layout_blocks = [body for _, body in _BLOCK.findall(layout.html)]
+    if (
+        any(_BLOCK_TAG.search(body) or "super()" in body for body in blocks.values())
+        or any(_BLOCK_TAG.search(body) for body in layout_blocks)  # nested: Jinja's way
+        or _BLOCK.sub("", rest).strip()  # anything outside the blocks
     ):
         return None
     flat = _BLOCK.sub(lambda m: blocks.get(m.group(1), m.group(2)), layout.html)

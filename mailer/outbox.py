@@ -132,6 +132,41 @@ def contact_and_suppression(address: str) -> tuple[Contact | None, bool]:
     return contact, bool(suppressed)
 
 
+def add_many(messages: list[Message]) -> list[Message]:
+    """Insert new messages together; those with an idempotency key one by one (the first
+    with a key wins, as in ``add``). Returns the stored rows in the same order."""
+    plain = [m for m in messages if m.idempotency_key is None]
+    if plain:
+        Message.objects.bulk_create(plain, batch_size=500)
+    return [add(m) if m.idempotency_key is not None else m for m in messages]
+
+
+def by_idempotency_key(keys: list[str]) -> dict[str, Message]:
+    """The messages already stored under these idempotency keys, by key (one query)."""
+    if not keys:
+        return {}
+    return {m.idempotency_key: m for m in Message.objects.filter(idempotency_key__in=keys)}
+
+
+def contacts_and_suppressions(addresses: set[str]) -> dict[str, tuple[Contact | None, bool]]:
+    """For each address, its contact and whether it is suppressed for all mail: two
+    queries for any number of addresses (a batch of sends)."""
+    if not addresses:
+        return {}
+    contacts = {
+        c.email: c
+        for c in Contact.objects.filter(email__in=addresses).only(
+            "id", "email", "name", "language", "attributes"
+        )
+    }
+    suppressed = set(
+        Suppression.objects.filter(email__in=addresses, scope=Suppression.Scope.ALL).values_list(
+            "email", flat=True
+        )
+    )
+    return {a: (contacts.get(a), a in suppressed) for a in addresses}
+
+
 # --- Claiming ----------------------------------------------------------------------------
 
 # The CTE is materialized: a plain ``id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` may

@@ -59,6 +59,19 @@ def resubscribe(address: str) -> int:
     ).delete()[0]
 
 
+#: Suppressions a person asked for, which the host may lift; bounces, invalid addresses and
+#: complaints protect the sender's reputation and stay.
+OPT_OUT_REASONS = (Suppression.Reason.MANUAL, Suppression.Reason.UNSUBSCRIBE)
+
+
+def lift(address: str, *, scope: str | None = None) -> int:
+    """Remove the address's opt-out suppressions (in one scope, or both); how many."""
+    found = Suppression.objects.filter(email=clean_address(address), reason__in=OPT_OUT_REASONS)
+    if scope is not None:
+        found = found.filter(scope=scope)
+    return found.delete()[0]
+
+
 # --- CSV ---------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("email", "scope", "reason", "source", "note", "created_at")

@@ -20,4 +20,6 @@ urlpatterns = [
     path("mailer/", include("mailer.urls")),
     path("anymail/", include("anymail.urls")),  # /anymail/<esp>/tracking/ webhooks
     path("admin/", admin.site.urls),
+    # mailer's HTTP API, health checks and metrics
+    path("api/v1/", include("mailer.http_api.urls")),
 ]

@@ -25,7 +25,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
 from django.utils import timezone
 
-from . import conf, dispatch, quota
+from . import conf, dispatch, notify, quota
 from .models import (
     Campaign,
     CampaignStatus,
@@ -205,7 +205,7 @@ _CLAIMED_COLUMNS = ", ".join(
     for name in (
         "id", "uuid", "kind", "status", "to_email", "contact_id", "campaign_id",
         "variant_id", "template_slug", "language", "context", "metadata", "attempts",
-        "claim_token",
+        "claim_token", "queued_at",
     )
 )  # fmt: skip
 
@@ -636,6 +636,7 @@ def _record_sent(batch: Batch) -> None:
     )
     for done, at in batch.sent:
         done.message.status, done.message.sent_at = S.SENT, at
+    notify.sent((done.message, at) for done, at in batch.sent)
 
 
 def record_sent(done: Sent) -> None:
@@ -648,10 +649,12 @@ def record_failed(message: Message, error: str) -> None:
     logger.warning("mailer: message %s failed permanently: %s", message.pk, error)
     now = timezone.now()
     with transaction.atomic():
-        Message.objects.filter(pk=message.pk, status=S.SENDING).update(
+        moved = Message.objects.filter(pk=message.pk, status=S.SENDING).update(
             status=S.FAILED, last_error=error[:2000], attempts=message.attempts
         )
-        _history(message, Event.Type.FAILED, now, error, {"attempt": message.attempts})
+        event = _history(message, Event.Type.FAILED, now, error, {"attempt": message.attempts})
+        if moved:
+            notify.failed(message, event, error)
     message.status, message.last_error = S.FAILED, error[:2000]
 
 
@@ -679,8 +682,8 @@ def record_retry(message: Message, error: str, *, delay: float, max_countdown: f
     return status
 
 
-def _history(message: Message, event_type: str, at: datetime, text: str, data: dict) -> None:
-    Event.objects.create(
+def _history(message: Message, event_type: str, at: datetime, text: str, data: dict) -> Event:
+    return Event.objects.create(
         message_id=message.pk,
         campaign_id=message.campaign_id,
         event_type=event_type,

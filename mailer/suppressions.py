@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from django.db import IntegrityError, transaction
 
+from . import counters
 from .contacts import clean_address, csv_safe
 from .exceptions import ImportFileError, MailerError
 from .models import Suppression
@@ -41,6 +42,9 @@ def suppress(
     except IntegrityError:  # a concurrent webhook created it first
         suppression, created = Suppression.objects.get(email=address, scope=scope), False
     if created:
+        transaction.on_commit(
+            lambda: counters.inc("mailer_suppressions_added_total", reason=reason, scope=scope)
+        )
         cancelled = cancel_waiting_marketing(address)
         logger.info(
             "mailer: suppressed %s (%s, %s); %d waiting marketing messages cancelled",

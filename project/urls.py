@@ -22,4 +22,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     # mailer's HTTP API, health checks and metrics
     path("api/v1/", include("mailer.http_api.urls")),
+    path("", include("mailer.http_api.ops_urls")),
 ]

@@ -6,8 +6,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.utils.translation import ngettext
 
-from . import apikeys
-from .models import ApiKey, ApiScope
+from . import apikeys, notify, webhooks_out
+from .models import ApiKey, ApiScope, WebhookDelivery, WebhookEndpoint
 
 
 class ApiKeyForm(forms.ModelForm):
@@ -48,3 +48,57 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def revoke_keys(self, request, queryset) -> None:
         count = sum(apikeys.revoke(row) for row in queryset)
         self.message_user(request, ngettext("%d key revoked.", "%d keys revoked.", count) % count)
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=1000, assume_scheme="https")
+    event_types = forms.MultipleChoiceField(
+        choices=[(kind, kind) for kind in notify.EVENT_TYPES],
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        help_text="None ticked: every event.",
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("name", "url", "event_types", "secret", "active")
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
+    list_display = ("name", "url", "event_types", "active")
+    list_filter = ("active",)
+
+    def get_changeform_initial_data(self, request) -> dict:
+        return {"secret": webhooks_out.new_secret()}
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """The delivery log: what was posted where, how often, with what answer."""
+
+    list_display = (
+        "event_type",
+        "endpoint",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+    )
+    list_filter = ("status", "event_type", "endpoint")
+    search_fields = ("event_id",)
+    readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
+    actions = ["redeliver"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Deliver again now", permissions=["change"])
+    def redeliver(self, request, queryset) -> None:
+        count = webhooks_out.redeliver(queryset)
+        self.message_user(
+            request,
+            ngettext("%d delivery queued again.", "%d deliveries queued again.", count) % count,
+        )

@@ -45,3 +45,22 @@ class MailerConfig(AppConfig):
         tracking.connect(receivers.on_tracking, dispatch_uid="mailer.anymail_tracking")
         inbound.connect(receivers.on_inbound, dispatch_uid="mailer.anymail_inbound")
         checks.register(mailer_checks.check_settings)
+
+        # Heartbeats for /health/ready, and the outgoing webhooks' endpoint cache.
+        from celery.signals import beat_init, worker_shutdown
+
+        from .models import WebhookEndpoint
+
+        worker_ready.connect(
+            receivers.on_worker_heartbeat_start, dispatch_uid="mailer.heartbeat_start"
+        )
+        worker_shutdown.connect(
+            receivers.on_worker_heartbeat_stop, dispatch_uid="mailer.heartbeat_stop"
+        )
+        beat_init.connect(receivers.on_beat_started, dispatch_uid="mailer.beat_heartbeat")
+        for signal in (post_save, post_delete):
+            signal.connect(
+                receivers.on_webhook_endpoint_changed,
+                sender=WebhookEndpoint,
+                dispatch_uid=f"mailer.webhook_endpoint_changed.{signal is post_save}",
+            )

@@ -19,7 +19,7 @@ from django.core import signing
 from django.db.models import Q
 from django.utils import timezone
 
-from . import compose, conf, outbox
+from . import compose, conf, notify, outbox
 from .exceptions import MailerError
 from .models import Event, Link, Message, Suppression
 from .suppressions import suppress
@@ -141,6 +141,7 @@ def record(event, esp: str) -> Event | None:
     if message is not None:
         outbox.apply_event(message.pk, stored.event_type, stored.timestamp)
     apply_policy(stored, reject_reason=event.reject_reason)
+    notify.recorded(stored, message, esp)  # first time only: signals, outgoing webhooks
     return stored
 
 
@@ -292,4 +293,5 @@ def record_own(hit: Hit, *, event_type: str, method: str, user_agent: str) -> Ev
         outbox.restamp(hit.message.pk, event_type)
     if not reason:
         outbox.apply_event(hit.message.pk, event_type, now)
+    notify.recorded(event, hit.message)
     return event

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 from django.utils import timezone
 
 from . import dispatch, outbox, rendering
@@ -160,7 +161,8 @@ def send_many(items: Iterable[Mapping[str, Any]]) -> list[Message | MailerError]
     fresh = [r for r in results if isinstance(r, Message)]
     existing = outbox.by_idempotency_key([m.idempotency_key for m in fresh if m.idempotency_key])
     fresh = [m for m in fresh if m.idempotency_key not in existing]
-    stored = {id(m): m for m in outbox.add_many(fresh)}
+    with transaction.atomic():  # all the valid items, or (on a crash) none of them
+        stored = {id(m): m for m in outbox.add_many(fresh)}
     for index, result in enumerate(results):
         if isinstance(result, int):
             results[index] = results[result]

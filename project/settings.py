@@ -206,6 +206,13 @@ MAILER = {
 # --- mailer's HTTP API -----------------------------------------------------------------------
 # drf-spectacular builds the OpenAPI document; mailer's views set everything else themselves.
 REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
+MAILER.update(
+    {
+        "API_RATE_LIMIT": env.str("MAILER_API_RATE_LIMIT", default="600/m") or None,
+        "METRICS_TOKEN": env.str("MAILER_METRICS_TOKEN", default="") or None,
+        "METRICS_ALLOWED_IPS": env.list("MAILER_METRICS_ALLOWED_IPS", default=[]),
+    }
+)
 
 # --- The rest ---------------------------------------------------------------------------
 LANGUAGE_CODE = "en"

@@ -99,11 +99,12 @@ class ApiView(APIView):
         return super().finalize_response(request, response, *args, **kwargs)
 
     def idempotent(self, request, handle: Callable[[], tuple[int, dict]]) -> Response:
-        """Run ``handle`` in a transaction, once per Idempotency-Key when one is given."""
+        """Run ``handle``, once per Idempotency-Key when one is given (then in one
+        transaction with the stored answer). Without a key, ``handle`` stores what it
+        stores in one statement: no transaction, two round trips fewer."""
         key = request.headers.get("Idempotency-Key")
         if key is None:
-            with transaction.atomic():
-                status, body = handle()
+            status, body = handle()
             return Response(body, status=status)
         raw = request._request.body  # before parsing: the fingerprint is of the bytes sent
         begun = idempotency.begin(

@@ -51,12 +51,6 @@ def _from_database():
     by_status = GaugeMetricFamily(
         "mailer_messages", "Messages in the outbox by kind and status.", labels=["kind", "status"]
     )
-    for kind, status, count in (
-        Message.objects.values_list("kind", "status").annotate(n=Count("id")).order_by()
-    ):
-        by_status.add_metric([kind, status], count)
-    yield by_status
-
     depth = GaugeMetricFamily("mailer_queue_depth", "Messages queued.", labels=["queue"])
     age = GaugeMetricFamily(
         "mailer_queue_oldest_age_seconds",
@@ -65,17 +59,21 @@ def _from_database():
     )
     now = timezone.now()
     found = {q: [0, None] for q in Queue}
+    # One pass over the table for both: the oldest queued time rides on the status count.
     rows = (
-        Message.objects.filter(status=MessageStatus.QUEUED)
-        .values_list("kind")
-        .annotate(n=Count("id"), oldest=Min("queued_at"))
+        Message.objects.values_list("kind", "status")
+        .annotate(n=Count("*"), oldest=Min("queued_at", filter=Q(status=MessageStatus.QUEUED)))
         .order_by()
     )
-    for kind, count, oldest in rows:
+    for kind, status, count, oldest in rows:
+        by_status.add_metric([kind, status], count)
+        if status != MessageStatus.QUEUED:
+            continue
         slot = found[Queue.for_kind(kind)]
         slot[0] += count
         if oldest is not None and (slot[1] is None or oldest < slot[1]):
             slot[1] = oldest
+    yield by_status
     for queue, (count, oldest) in found.items():
         name = conf.queue_name(queue)
         depth.add_metric([name], count)

@@ -1113,3 +1113,7 @@ def _quota_usage(queue: Queue) -> list[quota.Usage]:
         return quota.usage(queue)
     except redis.RedisError:
         return []
+
+
+# The HTTP API's keys and the outgoing webhooks have their own module.
+from . import admin_http  # noqa: E402, F401

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, BinaryIO
 
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 from django.utils import timezone
 
 from . import dispatch, outbox, rendering
@@ -15,9 +16,19 @@ from .compose import message_context
 from .contacts import ContactImportReport, clean_address, import_csv
 from .exceptions import HeaderInjection, InvalidContext, MailerError, TemplateNotFound
 from .models import Kind, Message, MessageStatus, Queue, Suppression, unsafe_character
+from .suppressions import lift as lift_suppressions
 from .suppressions import suppress as add_suppression
 
-__all__ = ["send", "suppress", "import_contacts", "Message", "MailerError"]
+__all__ = [
+    "send",
+    "send_rendered",
+    "send_many",
+    "suppress",
+    "unsuppress",
+    "import_contacts",
+    "Message",
+    "MailerError",
+]
 
 
 def send(
@@ -38,9 +49,6 @@ def send(
     ``idempotency_key`` always returns the same Message, and one email.
     """
     address = clean_address(to)
-    for name, value in (("template", template), ("language", language)):
-        if isinstance(value, str) and unsafe_character(value, header=True):
-            raise TemplateNotFound(f"{name} {value!r} contains a control character.")
     context = _json_mapping(context, "context")
     metadata = _json_mapping(metadata, "metadata")
     _refuse_header_breaks(metadata, "metadata")
@@ -49,10 +57,179 @@ def send(
         existing = Message.objects.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
+    contact, suppressed = outbox.contact_and_suppression(address)
+    message = _build(
+        template,
+        address=address,
+        contact=contact,
+        suppressed=suppressed,
+        context=context,
+        language=language,
+        idempotency_key=idempotency_key,
+        send_at=send_at,
+        metadata=metadata,
+    )
+    stored = outbox.add(message)
+    if stored is message and message.status == MessageStatus.QUEUED:
+        dispatch.kick_on_commit(Queue.TRANSACTIONAL)
+    return stored
+
+
+def send_rendered(
+    *,
+    to: str,
+    subject: str,
+    html: str,
+    text: str | None = None,
+    language: str | None = None,
+    idempotency_key: str | None = None,
+    send_at: datetime | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Message:
+    """Queue an email the host rendered itself (subject and HTML, optionally text).
+
+    The same path as ``send()``: the content travels in the message's context to the
+    built-in ``inline`` template. Without ``text``, one is derived from the HTML now.
+    """
+    return send(
+        INLINE_TEMPLATE,
+        to=to,
+        context=inline_context(subject, html, text),
+        language=language,
+        idempotency_key=idempotency_key,
+        send_at=send_at,
+        metadata=metadata,
+    )
+
+
+#: The built-in template that carries content rendered by the host (templates/mailer/inline).
+INLINE_TEMPLATE = "inline"
+
+
+def inline_context(subject: object, html: object, text: object = None) -> dict[str, str]:
+    """The context of the ``inline`` template, or InvalidContext saying what is wrong."""
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidContext("subject must be a non-empty string.")
+    if "\r" in subject or "\n" in subject:
+        raise HeaderInjection("subject contains a line break.")
+    if not isinstance(html, str) or not html.strip():
+        raise InvalidContext("html must be a non-empty string.")
+    if text is not None and not isinstance(text, str):
+        raise InvalidContext("text must be a string.")
+    return {
+        "inline_subject": subject,
+        "inline_html": html,
+        "inline_text": text if text is not None else rendering.html_to_text(html),
+    }
+
+
+def send_many(items: Iterable[Mapping[str, Any]]) -> list[Message | MailerError]:
+    """Queue many transactional emails at once; each item is validated on its own.
+
+    An item holds ``send()``'s keyword arguments (``template`` included), or
+    ``send_rendered()``'s. Returns, in order, each item's Message or the MailerError that
+    refused it. The valid items are stored together (one INSERT, one query for their
+    contacts and suppressions) and an invalid one stores nothing.
+    """
+    items = list(items)
+    results: list[Message | MailerError] = []
+    addresses: list[str | None] = []
+    for item in items:
+        try:
+            addresses.append(clean_address(item.get("to")))
+        except MailerError as exc:
+            addresses.append(None)
+            results.append(exc)
+        else:
+            results.append(None)  # type: ignore[arg-type]  # filled below
+    known = outbox.contacts_and_suppressions({a for a in addresses if a})
+    keyed: dict[str, int] = {}
+    for index, (item, address) in enumerate(zip(items, addresses, strict=True)):
+        if address is None:
+            continue
+        try:
+            results[index] = _build_item(item, address, known[address])
+        except MailerError as exc:
+            results[index] = exc
+            continue
+        key = results[index].idempotency_key
+        if key is not None:
+            if key in keyed:  # the same key twice in one call: one message
+                results[index] = keyed[key]  # type: ignore[assignment]
+            else:
+                keyed[key] = index
+    fresh = [r for r in results if isinstance(r, Message)]
+    existing = outbox.by_idempotency_key([m.idempotency_key for m in fresh if m.idempotency_key])
+    fresh = [m for m in fresh if m.idempotency_key not in existing]
+    with transaction.atomic():  # all the valid items, or (on a crash) none of them
+        stored = {id(m): m for m in outbox.add_many(fresh)}
+    for index, result in enumerate(results):
+        if isinstance(result, int):
+            results[index] = results[result]
+        elif isinstance(result, Message):
+            if result.idempotency_key in existing:
+                results[index] = existing[result.idempotency_key]
+            else:
+                results[index] = stored.get(id(result), result)
+    if any(m.status == MessageStatus.QUEUED for m in fresh):
+        dispatch.kick_on_commit(Queue.TRANSACTIONAL)
+    return results
+
+
+_SEND_ARGS = frozenset(
+    {"template", "to", "context", "language", "idempotency_key", "send_at", "metadata"}
+)
+_RENDERED_ARGS = frozenset({"subject", "html", "text"})
+
+
+def _build_item(item: Mapping[str, Any], address: str, known: tuple) -> Message:
+    unknown = set(item) - _SEND_ARGS - _RENDERED_ARGS
+    if unknown:
+        raise InvalidContext(f"Unknown arguments: {', '.join(sorted(unknown))}.")
+    template, context = item.get("template"), item.get("context")
+    if template is None:
+        template = INLINE_TEMPLATE
+        context = inline_context(item.get("subject"), item.get("html"), item.get("text"))
+    elif not isinstance(template, str):
+        raise TemplateNotFound(f"template must be a slug, got {template!r}.")
+    key = item.get("idempotency_key")
+    if key is not None:
+        _refuse_header_breaks({"idempotency_key": key}, "idempotency_key")
+    metadata = _json_mapping(item.get("metadata"), "metadata")
+    _refuse_header_breaks(metadata, "metadata")
+    contact, suppressed = known
+    return _build(
+        template,
+        address=address,
+        contact=contact,
+        suppressed=suppressed,
+        context=_json_mapping(context, "context"),
+        language=item.get("language"),
+        idempotency_key=key,
+        send_at=item.get("send_at"),
+        metadata=metadata,
+    )
+
+
+def _build(
+    template: str,
+    *,
+    address: str,
+    contact,
+    suppressed: bool,
+    context: dict[str, Any],
+    language: str | None,
+    idempotency_key: str | None,
+    send_at: datetime | None,
+    metadata: dict[str, Any],
+) -> Message:
+    """A new, valid, unsaved Message from checked context and metadata: the template,
+    language and subject are checked here."""
+    for name, value in (("template", template), ("language", language)):
+        if isinstance(value, str) and unsafe_character(value, header=True):
+            raise TemplateNotFound(f"{name} {value!r} contains a control character.")
     if send_at is not None and timezone.is_naive(send_at):
         send_at = timezone.make_aware(send_at)
-
-    contact, suppressed = outbox.contact_and_suppression(address)
     source = rendering.find_template(template, language, contact.language if contact else None)
     message = Message(
         kind=Kind.TRANSACTIONAL,
@@ -75,11 +252,7 @@ def send(
         message.status, message.send_after = MessageStatus.SCHEDULED, send_at
     else:
         message.status, message.queued_at = MessageStatus.QUEUED, now
-
-    stored = outbox.add(message)
-    if stored is message and message.status == MessageStatus.QUEUED:
-        dispatch.kick_on_commit(Queue.TRANSACTIONAL)
-    return stored
+    return message
 
 
 def suppress(
@@ -95,6 +268,15 @@ def suppress(
         email, scope=scope, reason=Suppression.Reason.MANUAL, source=source, note=note
     )
     return created
+
+
+def unsuppress(email: str, *, marketing_only: bool | None = None) -> int:
+    """Lift an address's opt-outs (manual and unsubscribe suppressions; bounces and
+    complaints stay): all of them, or one scope. Returns how many were removed."""
+    scope = None
+    if marketing_only is not None:
+        scope = Suppression.Scope.MARKETING if marketing_only else Suppression.Scope.ALL
+    return lift_suppressions(email, scope=scope)
 
 
 def import_contacts(stream: BinaryIO, *, source: str) -> ContactImportReport:

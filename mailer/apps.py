@@ -54,3 +54,22 @@ class MailerConfig(AppConfig):
         checks.register(mailer_checks.check_deploy, checks.Tags.security, deploy=True)
         checks.register(mailer_checks.check_webhook_urls, checks.Tags.security, checks.Tags.urls)
         checks.register(mailer_checks.check_host)
+
+        # Heartbeats for /health/ready, and the outgoing webhooks' endpoint cache.
+        from celery.signals import beat_init, worker_shutdown
+
+        from .models import WebhookEndpoint
+
+        worker_ready.connect(
+            receivers.on_worker_heartbeat_start, dispatch_uid="mailer.heartbeat_start"
+        )
+        worker_shutdown.connect(
+            receivers.on_worker_heartbeat_stop, dispatch_uid="mailer.heartbeat_stop"
+        )
+        beat_init.connect(receivers.on_beat_started, dispatch_uid="mailer.beat_heartbeat")
+        for signal in (post_save, post_delete):
+            signal.connect(
+                receivers.on_webhook_endpoint_changed,
+                sender=WebhookEndpoint,
+                dispatch_uid=f"mailer.webhook_endpoint_changed.{signal is post_save}",
+            )

@@ -31,6 +31,8 @@ SCHEDULE: dict[str, tuple[str, int, list]] = {
     "mailer: launch due campaigns": ("mailer.tasks.launch_due_campaigns", 30, []),
     "mailer: campaign housekeeping": ("mailer.tasks.campaign_housekeeping", 60, []),
     "mailer: reputation guard": ("mailer.tasks.reputation_guard", 300, []),
+    "mailer: outgoing webhooks": ("mailer.tasks.deliver_webhooks", 60, []),
+    "mailer: operator alerts": ("mailer.tasks.operator_alerts", 300, []),
 }
 
 

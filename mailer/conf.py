@@ -506,3 +506,59 @@ def webhook_max_age() -> float:
 
 def password_reset_hours() -> int:
     return int(settings.PASSWORD_RESET_TIMEOUT) // 3600
+
+
+# --- HTTP API, health, metrics and outgoing webhooks (README: "HTTP API") --------------------
+
+DEFAULTS.update(
+    {
+        # Requests per key across every web process ("600/m", "20/s"); an ApiKey's own
+        # rate_limit overrides it. None: no limit.
+        "API_RATE_LIMIT": "600/m",
+        # Largest request body the API reads; a larger one is answered 413 unread.
+        "API_MAX_BODY_BYTES": 2 * 1024 * 1024,
+        # Messages one POST /messages/batch may carry.
+        "API_BATCH_MAX": 500,
+        # How long an Idempotency-Key's first answer is replayed, and after how many
+        # seconds a first request that never finished (its process died) stops holding it.
+        "IDEMPOTENCY_TTL": 24 * 3600,
+        "IDEMPOTENCY_IN_FLIGHT": 60,
+        # /metrics: a bearer token, and/or client addresses (IPs or CIDR networks) allowed
+        # without it. Neither set: /metrics answers 403 to everyone.
+        "METRICS_TOKEN": None,
+        "METRICS_ALLOWED_IPS": [],
+        # Worker and beat processes write a heartbeat this often; /health/ready counts a
+        # process alive for three times as long.
+        "HEARTBEAT_SECONDS": 15,
+        # Email ADMINS when this many messages failed in the last FAILED_ALERT_WINDOW
+        # seconds (None: never), and at most once per ALERT_INTERVAL seconds per alert.
+        "FAILED_ALERT_THRESHOLD": 100,
+        "FAILED_ALERT_WINDOW": 3600,
+        "ALERT_INTERVAL": 3600,
+        # Outgoing webhooks: seconds to wait for the host's answer, attempts before a
+        # delivery is failed, and the first retry delay (doubling, capped at MAX_COUNTDOWN).
+        "WEBHOOK_TIMEOUT": 10,
+        "WEBHOOK_MAX_ATTEMPTS": 8,
+        "WEBHOOK_BACKOFF_BASE": 10,
+    }
+)
+TASK_QUEUES.update(
+    {
+        "mailer.tasks.deliver_webhooks": "transactional",
+        "mailer.tasks.operator_alerts": "transactional",
+    }
+)
+
+
+def api_rate(value: str | None = None) -> tuple[int, int] | None:
+    """A key's limit as (requests, window seconds): "600/m" → (600, 60); None: unlimited."""
+    value = value or get("API_RATE_LIMIT")
+    if value in (None, "", 0):
+        return None
+    match = _RATE.match(str(value))
+    if not match or float(match.group(1)) < 1 or not float(match.group(1)).is_integer():
+        raise MailerConfigurationError(
+            f"API rate limit {value!r} cannot be parsed; write it as '600/m', '20/s' or "
+            "'10000/h' (a whole number of requests)."
+        )
+    return int(float(match.group(1))), _PERIODS[match.group(2)]

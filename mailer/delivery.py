@@ -27,7 +27,18 @@ from django.db import DatabaseError, InterfaceError, OperationalError
 from django.db import connection as db_connection
 from django.utils import timezone
 
-from . import compose, conf, dispatch, outbox, quota, ratelimit, redact, throttle, transport
+from . import (
+    compose,
+    conf,
+    counters,
+    dispatch,
+    outbox,
+    quota,
+    ratelimit,
+    redact,
+    throttle,
+    transport,
+)
 from .exceptions import PermanentSendError, SendError, ServiceUnavailable, Throttled
 from .mime import PreparedEmail
 from .models import Message, Queue, Suppression
@@ -297,6 +308,8 @@ class Limiter:
             want = grant.granted
         if self.rate is not None:
             wait = self._from_store(ratelimit.reserve, want, rate=self.rate)
+            if wait:
+                counters.add(_waited(self.queue, wait))
             if wait is None or (wait > 0 and _pause(wait)):
                 return False
         self.reserved = want
@@ -323,6 +336,14 @@ class Limiter:
                     return None
                 delay = min(delay * 2, 2.0)
         return None
+
+
+def _waited(queue: Queue, seconds: float) -> dict[str, float]:
+    label = {"queue": str(queue)}
+    return {
+        counters.series("mailer_rate_limit_waits_total", label): 1,
+        counters.series("mailer_rate_limit_wait_seconds_total", label): round(seconds, 6),
+    }
 
 
 # --- Draining a queue -----------------------------------------------------------------------
@@ -571,6 +592,7 @@ def send_batch(
             )
     for countdown in sorted(result.countdowns):
         dispatch.kick(queue, countdown=countdown)
+    counters.add(_figures(queue, len(messages), result, run.batch.sent))
     if result.sent or result.failed or result.retried:
         logger.info(
             "mailer: %s batch of %d: %d sent, %d retrying, %d failed, %d suppressed, "
@@ -584,6 +606,29 @@ def send_batch(
             result.released,
         )
     return result
+
+
+def _figures(queue: Queue, claimed: int, result: BatchResult, sent: list) -> dict[str, float]:
+    """What one batch adds to the metrics (one Redis round trip, see ``counters``)."""
+    label = {"queue": str(queue)}
+    waited = [
+        (at - done.message.__dict__["queued_at"]).total_seconds()
+        for done, at in sent
+        if done.message.__dict__.get("queued_at") is not None
+    ]
+    return {
+        counters.series("mailer_sent_total", label): result.sent,
+        counters.series("mailer_failed_total", label): result.failed,
+        counters.series("mailer_retried_total", label): result.retried,
+        counters.series("mailer_deferred_total", label): result.released if result.wait else 0,
+        counters.series("mailer_suppressed_at_send_total", label): result.suppressed,
+        **counters.observations(
+            "mailer_queued_to_sent_seconds", waited, counters.LATENCY_BUCKETS, **label
+        ),
+        **counters.observations(
+            "mailer_drain_batch_size", [claimed], counters.BATCH_BUCKETS, **label
+        ),
+    }
 
 
 @dataclass

@@ -817,3 +817,139 @@ class QuotaCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}: {self.used}"
+
+
+# --- HTTP API, health and outgoing webhooks ------------------------------------------------
+
+
+class ApiScope(models.TextChoices):
+    SEND = "send", "Send messages"
+    READ = "read", "Read messages"
+    SUPPRESS = "suppress", "Manage suppressions"
+
+
+class ApiKey(models.Model):
+    """A key for the HTTP API: only a fast hash (SHA-512) of it is stored, with a visible
+    prefix to find the row by; the key itself is shown once, when it is created."""
+
+    Scope = ApiScope
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    hashed_key = models.CharField(max_length=200, editable=False)
+    scopes = models.JSONField(default=list, help_text="send, read, suppress")
+    rate_limit = models.CharField(
+        max_length=20, blank=True, help_text="e.g. 600/m; empty: MAILER['API_RATE_LIMIT']."
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, editable=False
+    )
+
+    class Meta:
+        ordering = ("-created_at",)
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class IdempotencyRecord(models.Model):
+    """The first answer to an Idempotency-Key, replayed to a retry of the same request.
+
+    ``status_code`` is NULL while the first request is still being answered."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response = models.JSONField(null=True, blank=True)
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=("api_key", "key"), name="mailer_idempotency_key")
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Heartbeat(models.Model):
+    """A worker or beat process saying it is alive (and, for a worker, which queues)."""
+
+    name = models.CharField(max_length=200, unique=True)
+    kind = models.CharField(max_length=10)  # "worker" or "beat"
+    queues = models.JSONField(default=list, blank=True)
+    seen_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WebhookEndpoint(models.Model):
+    """A URL of the host's that is told about message events, signed with its secret."""
+
+    name = models.CharField(max_length=100)
+    url = models.URLField(max_length=1000)
+    event_types = models.JSONField(
+        default=list, blank=True, help_text="Events to send; empty: all of them."
+    )
+    secret = models.CharField(
+        max_length=100, help_text="Signs each payload (HMAC-SHA256 over timestamp.body)."
+    )
+    active = models.BooleanField(default=True, db_index=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ("name",)
+        verbose_name = "outgoing webhook"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class WebhookDelivery(models.Model):
+    """One event for one endpoint: its payload, attempts and outcome (the delivery log)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    event_id = models.CharField(max_length=100)
+    event_type = models.CharField(max_length=30)
+    payload = models.JSONField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=("endpoint", "event_id"), name="mailer_webhook_once")
+        ]
+        indexes = [
+            models.Index(fields=("status", "next_attempt_at"), name="mailer_webhook_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} → {self.endpoint}"

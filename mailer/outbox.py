@@ -25,7 +25,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
 from django.utils import timezone
 
-from . import conf, dispatch, quota
+from . import conf, dispatch, notify, quota
 from .models import (
     Campaign,
     CampaignStatus,
@@ -132,6 +132,41 @@ def contact_and_suppression(address: str) -> tuple[Contact | None, bool]:
     return contact, bool(suppressed)
 
 
+def add_many(messages: list[Message]) -> list[Message]:
+    """Insert new messages together; those with an idempotency key one by one (the first
+    with a key wins, as in ``add``). Returns the stored rows in the same order."""
+    plain = [m for m in messages if m.idempotency_key is None]
+    if plain:
+        Message.objects.bulk_create(plain, batch_size=500)
+    return [add(m) if m.idempotency_key is not None else m for m in messages]
+
+
+def by_idempotency_key(keys: list[str]) -> dict[str, Message]:
+    """The messages already stored under these idempotency keys, by key (one query)."""
+    if not keys:
+        return {}
+    return {m.idempotency_key: m for m in Message.objects.filter(idempotency_key__in=keys)}
+
+
+def contacts_and_suppressions(addresses: set[str]) -> dict[str, tuple[Contact | None, bool]]:
+    """For each address, its contact and whether it is suppressed for all mail: two
+    queries for any number of addresses (a batch of sends)."""
+    if not addresses:
+        return {}
+    contacts = {
+        c.email: c
+        for c in Contact.objects.filter(email__in=addresses).only(
+            "id", "email", "name", "language", "attributes"
+        )
+    }
+    suppressed = set(
+        Suppression.objects.filter(email__in=addresses, scope=Suppression.Scope.ALL).values_list(
+            "email", flat=True
+        )
+    )
+    return {a: (contacts.get(a), a in suppressed) for a in addresses}
+
+
 # --- Claiming ----------------------------------------------------------------------------
 
 # The CTE is materialized: a plain ``id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)`` may
@@ -170,7 +205,7 @@ _CLAIMED_COLUMNS = ", ".join(
     for name in (
         "id", "uuid", "kind", "status", "to_email", "contact_id", "campaign_id",
         "variant_id", "template_slug", "language", "context", "metadata", "attempts",
-        "claim_token",
+        "claim_token", "queued_at",
     )
 )  # fmt: skip
 
@@ -601,6 +636,7 @@ def _record_sent(batch: Batch) -> None:
     )
     for done, at in batch.sent:
         done.message.status, done.message.sent_at = S.SENT, at
+    notify.sent((done.message, at) for done, at in batch.sent)
 
 
 def record_sent(done: Sent) -> None:
@@ -613,10 +649,12 @@ def record_failed(message: Message, error: str) -> None:
     logger.warning("mailer: message %s failed permanently: %s", message.pk, error)
     now = timezone.now()
     with transaction.atomic():
-        Message.objects.filter(pk=message.pk, status=S.SENDING).update(
+        moved = Message.objects.filter(pk=message.pk, status=S.SENDING).update(
             status=S.FAILED, last_error=error[:2000], attempts=message.attempts
         )
-        _history(message, Event.Type.FAILED, now, error, {"attempt": message.attempts})
+        event = _history(message, Event.Type.FAILED, now, error, {"attempt": message.attempts})
+        if moved:
+            notify.failed(message, event, error)
     message.status, message.last_error = S.FAILED, error[:2000]
 
 
@@ -644,8 +682,8 @@ def record_retry(message: Message, error: str, *, delay: float, max_countdown: f
     return status
 
 
-def _history(message: Message, event_type: str, at: datetime, text: str, data: dict) -> None:
-    Event.objects.create(
+def _history(message: Message, event_type: str, at: datetime, text: str, data: dict) -> Event:
+    return Event.objects.create(
         message_id=message.pk,
         campaign_id=message.campaign_id,
         event_type=event_type,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 from django.db import transaction
+from django.db.models import F
 
 from . import conf
-from .models import RateBucket
+from .models import QuotaCounter, RateBucket
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +181,54 @@ def release_connection_slot(holder: str) -> None:
         client.zrem(key, holder)
     except redis.RedisError:
         pass  # it lapses after SLOT_SECONDS
+
+
+# --- Requests per API key, all web processes together ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """One fixed window of a request limit, as the RateLimit-* headers tell it."""
+
+    limit: int
+    remaining: int
+    reset: int  # seconds until the window ends
+    allowed: bool
+
+
+def hit(name: str, limit: int, period: int, *, now: float | None = None) -> Window:
+    """Count one request against ``limit`` per ``period`` seconds under ``name``.
+
+    A fixed window in Redis (INCR and EXPIRE in one round trip), or in the database
+    without Redis. An unreachable Redis lets the request through (logged): refusing
+    every send because the limiter is down would be the worse outage.
+    """
+    now = time.time() if now is None else now
+    start = int(now // period) * period
+    reset = max(1, int(start + period - now + 0.999))
+    key = f"mailer:api:{name}:{start}"
+    client = redis_client()
+    if client is None:
+        used = _hit_db(key, start + period, now)
+    else:
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, period + 1)
+            used = int(pipe.execute()[0])
+        except redis.RedisError as exc:
+            logger.warning("mailer: API rate limit store unavailable (%s)", exc.__class__.__name__)
+            return Window(limit, limit, reset, True)
+    return Window(limit, max(0, limit - used), reset, used <= limit)
+
+
+def _hit_db(key: str, ends: float, now: float) -> int:
+    expires = datetime.fromtimestamp(ends, tz=UTC)
+    with transaction.atomic():
+        QuotaCounter.objects.get_or_create(key=key, defaults={"expires_at": expires})
+        QuotaCounter.objects.filter(key=key).update(used=F("used") + 1)
+        used = QuotaCounter.objects.get(key=key).used
+        QuotaCounter.objects.filter(
+            key__startswith="mailer:api:", expires_at__lt=datetime.fromtimestamp(now, tz=UTC)
+        ).delete()
+    return used

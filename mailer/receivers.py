@@ -7,7 +7,7 @@ import threading
 
 from billiard.process import active_children
 
-from . import accounts, conf, delivery, dispatch, rendering, tracking, unsubscribe
+from . import accounts, conf, delivery, dispatch, health, notify, rendering, tracking, unsubscribe
 from .models import Queue, check_header_fields
 
 logger = logging.getLogger(__name__)
@@ -97,3 +97,29 @@ def _in_main_thread() -> bool:
 
 def _stop_draining(signum, frame) -> None:
     delivery.request_stop()
+
+
+# --- Heartbeats and outgoing webhook endpoints (health, notify) -------------------------------
+
+
+def on_worker_heartbeat_start(sender=None, **kwargs) -> None:
+    """A worker started: write its heartbeat (with its queues) from now on."""
+    consumer = getattr(sender, "task_consumer", None)
+    queues = sorted({queue.name for queue in getattr(consumer, "queues", None) or ()})
+    health.start_heartbeat(_worker_name(sender), "worker", queues)
+
+
+def on_worker_heartbeat_stop(sender=None, **kwargs) -> None:
+    health.stop_heartbeat(_worker_name(sender))
+
+
+def on_beat_started(sender=None, **kwargs) -> None:
+    health.start_heartbeat(health.beat_name(), "beat", [])
+
+
+def on_webhook_endpoint_changed(sender, **kwargs) -> None:
+    notify.forget_endpoints()
+
+
+def _worker_name(sender) -> str:
+    return str(getattr(sender, "hostname", None) or f"worker@{os.getpid()}")

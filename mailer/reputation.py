@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from . import campaigns, conf, dispatch
+from . import alerts, campaigns, conf, dispatch
 from .models import Campaign, Event, Kind, Message, Queue, ReputationPause
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def reputation_guard(now: datetime | None = None) -> ReputationPause | None:
         "complaints": total_complaints,
     }
     overall = over(total_bounces, total_complaints, total_sent)
+    paused: list[str] = []
     for campaign in Campaign.objects.running():
         row = per_campaign.get(campaign.pk, {"bounces": 0, "complaints": 0})
         why = over(row["bounces"], row["complaints"], sent_by_campaign.get(campaign.pk, 0))
@@ -76,6 +77,9 @@ def reputation_guard(now: datetime | None = None) -> ReputationPause | None:
             reason = f"Reputation guard: {why or 'overall ' + overall}"
             campaigns.pause(campaign, reason=reason)
             logger.error("mailer: paused campaign %s: %s", campaign.pk, reason)
+            paused.append(f"campaign {campaign.name!r}: {reason}")
+    if paused or overall:
+        alerts.reputation_paused(paused + ([f"all marketing: {overall}"] if overall else []))
     if not overall:
         return None
     existing = ReputationPause.objects.filter(active=True).first()

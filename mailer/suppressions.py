@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from django.db import IntegrityError, transaction
 
+from . import counters
 from .contacts import clean_address, csv_safe
 from .exceptions import ImportFileError, MailerError
 from .models import Suppression, unsafe_character
@@ -41,6 +42,9 @@ def suppress(
     except IntegrityError:  # a concurrent webhook created it first
         suppression, created = Suppression.objects.get(email=address, scope=scope), False
     if created:
+        transaction.on_commit(
+            lambda: counters.inc("mailer_suppressions_added_total", reason=reason, scope=scope)
+        )
         cancelled = cancel_waiting_marketing(address)
         logger.info(
             "mailer: suppressed %s (%s, %s); %d waiting marketing messages cancelled",
@@ -57,6 +61,19 @@ def resubscribe(address: str) -> int:
     return Suppression.objects.filter(
         email=clean_address(address), scope=Suppression.Scope.MARKETING
     ).delete()[0]
+
+
+#: Suppressions a person asked for, which the host may lift; bounces, invalid addresses and
+#: complaints protect the sender's reputation and stay.
+OPT_OUT_REASONS = (Suppression.Reason.MANUAL, Suppression.Reason.UNSUBSCRIBE)
+
+
+def lift(address: str, *, scope: str | None = None) -> int:
+    """Remove the address's opt-out suppressions (in one scope, or both); how many."""
+    found = Suppression.objects.filter(email=clean_address(address), reason__in=OPT_OUT_REASONS)
+    if scope is not None:
+        found = found.filter(scope=scope)
+    return found.delete()[0]
 
 
 # --- CSV ---------------------------------------------------------------------------------

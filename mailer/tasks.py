@@ -5,7 +5,7 @@ Routing lives in ``mailer.conf.route_task`` (the CELERY_TASK_ROUTES of the host)
 
 from celery import shared_task
 
-from . import abtest, accounts, campaigns, delivery, outbox, reputation
+from . import abtest, accounts, alerts, campaigns, delivery, outbox, reputation, webhooks_out
 from .models import Queue
 
 _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
@@ -63,3 +63,15 @@ def reputation_guard() -> bool:
 def password_reset(email: str) -> int:
     """A reset request: send the link if an account has this address, else nothing."""
     return len(accounts.password_reset(email))
+
+
+@shared_task(name="mailer.tasks.deliver_webhooks", **_RELIABLE)
+def deliver_webhooks() -> int:
+    """Post due outgoing webhooks (and beat's sweep for any whose wake-up was lost)."""
+    return webhooks_out.deliver_due().delivered
+
+
+@shared_task(name="mailer.tasks.operator_alerts", **_RELIABLE)
+def operator_alerts() -> int:
+    """Beat: email ADMINS (throttled) when failed messages pile up."""
+    return alerts.check_failed()

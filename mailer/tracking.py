@@ -23,7 +23,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import compose, conf, outbox
+from . import compose, conf, notify, outbox
 from .exceptions import InvalidWebhook, MailerError, WebhookStoreUnavailable
 from .models import Event, Link, Message, Suppression, WebhookSignature
 from .ratelimit import redis_client
@@ -270,6 +270,7 @@ def record(event, esp: str) -> Event | None:
     if message is not None:
         outbox.apply_event(message.pk, stored.event_type, stored.timestamp)
     apply_policy(stored, reject_reason=event.reject_reason)
+    notify.recorded(stored, message, esp)  # first time only: signals, outgoing webhooks
     return stored
 
 
@@ -421,4 +422,5 @@ def record_own(hit: Hit, *, event_type: str, method: str, user_agent: str) -> Ev
         outbox.restamp(hit.message.pk, event_type)
     if not reason:
         outbox.apply_event(hit.message.pk, event_type, now)
+    notify.recorded(event, hit.message)
     return event

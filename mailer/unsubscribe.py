@@ -11,7 +11,7 @@ from django.core import signing
 from django.db import transaction
 from django.utils import timezone
 
-from . import compose, tokens
+from . import compose, notify, tokens
 from .exceptions import InvalidToken, MailerError
 from .models import Contact, Event, Message, Suppression
 from .suppressions import resubscribe, suppress
@@ -79,13 +79,14 @@ def unsubscribe(target: Target, *, source: str) -> bool:
                 if target.message_uuid
                 else None
             )
-            Event.objects.create(
+            event = Event.objects.create(
                 message=message,
                 campaign_id=message.campaign_id if message else None,
                 event_type=Event.Type.UNSUBSCRIBED,
                 recipient=target.email,
                 data={"source": source},
             )
+            notify.unsubscribed(target.email, event)
     return created
 
 

@@ -42,6 +42,9 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "mailer",
     "project",
+    # mailer's HTTP API (mailer.http_api): Django REST framework and its OpenAPI schema
+    "rest_framework",
+    "drf_spectacular",
 ]
 
 MIDDLEWARE = [
@@ -199,6 +202,17 @@ MAILER = {
     "DKIM_PRIVATE_KEY": env.str("MAILER_DKIM_PRIVATE_KEY", default="", multiline=True) or None,
     "DKIM_PRIVATE_KEY_FILE": env.str("MAILER_DKIM_PRIVATE_KEY_FILE", default="") or None,
 }
+
+# --- mailer's HTTP API -----------------------------------------------------------------------
+# drf-spectacular builds the OpenAPI document; mailer's views set everything else themselves.
+REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
+MAILER.update(
+    {
+        "API_RATE_LIMIT": env.str("MAILER_API_RATE_LIMIT", default="600/m") or None,
+        "METRICS_TOKEN": env.str("MAILER_METRICS_TOKEN", default="") or None,
+        "METRICS_ALLOWED_IPS": env.list("MAILER_METRICS_ALLOWED_IPS", default=[]),
+    }
+)
 
 # --- The rest ---------------------------------------------------------------------------
 LANGUAGE_CODE = "en"

@@ -21,4 +21,7 @@ urlpatterns = [
     # /anymail/<esp>/tracking/: anymail's webhooks, guarded by mailer
     path("anymail/", include("mailer.webhooks")),
     path("admin/", admin.site.urls),
+    # mailer's HTTP API, health checks and metrics
+    path("api/v1/", include("mailer.http_api.urls")),
+    path("", include("mailer.http_api.ops_urls")),
 ]

@@ -27,7 +27,14 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
 
-    for read in (conf.quota_timezone, conf.webhook_max_age, conf.template_limits):
+    from . import redact
+
+    for read in (
+        conf.quota_timezone,
+        conf.webhook_max_age,
+        conf.template_limits,
+        redact.secret_keys,
+    ):
         try:
             read()
         except MailerConfigurationError as exc:

@@ -249,3 +249,9 @@ def test_a_sender_setting_with_a_line_break_is_error_e001(settings, key):
     settings.MAILER = {**settings.MAILER, key: "News\r\nBcc: everyone@example.com"}
 
     assert "mailer.E001" in mailer_ids()
+
+
+def test_secret_context_keys_that_are_not_a_list_of_names_is_error_e001(settings):
+    settings.MAILER = {**settings.MAILER, "SECRET_CONTEXT_KEYS": "api_token"}
+
+    assert "mailer.E001" in mailer_ids()

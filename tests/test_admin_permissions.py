@@ -363,3 +363,19 @@ def test_an_operator_retries_lifts_and_resets_from_the_lists(operator, guarded):
     assert Message.objects.get(pk=guarded["failed"].pk).status == MessageStatus.QUEUED
     assert not ReputationPause.objects.get(pk=guarded["pause"].pk).active
     assert not throttle.speed(Queue.CAMPAIGN).throttled
+
+
+def test_every_mailer_admin_action_declares_the_permission_it_needs():
+    # An action added later without permissions= would run for a view-only user.
+    from django.contrib import admin
+
+    undeclared = []
+    for model, model_admin in admin.site._registry.items():
+        if model._meta.app_label != "mailer":
+            continue
+        for action in model_admin.actions or ():
+            func = getattr(model_admin, action) if isinstance(action, str) else action
+            if not getattr(func, "allowed_permissions", None):
+                undeclared.append(f"{model.__name__}.{getattr(func, '__name__', action)}")
+
+    assert undeclared == []

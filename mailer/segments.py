@@ -259,8 +259,7 @@ def check_no_cycle(
             path.append(segment.pk)
             chain = " → ".join(names.get(pk, f"#{pk}") for pk in reversed(path))
             raise SegmentError(
-                f"A segment cannot include or exclude itself, directly or through others: "
-                f"{chain}.",
+                f"A segment cannot include or exclude itself, directly or through others: {chain}.",
                 field="include_segments",
             )
         edges = []

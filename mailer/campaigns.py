@@ -376,18 +376,30 @@ def _columns(campaign: Campaign, variants: list[Variant], phase: str, seed: int)
     )
 
 
-def finish_campaigns(now: datetime | None = None) -> int:
-    """Mark campaigns whose messages have all left as sent (or the test as done)."""
+def finish_campaigns(now: datetime | None = None, *, ids: list[int] | None = None) -> int:
+    """Mark campaigns whose messages have all left as sent (or the test as done).
+
+    Workers call it (``ids``) when a batch handled a campaign's last email; beat's
+    housekeeping calls it for every running campaign, in case such a call was lost.
+    """
     now = now or timezone.now()
     finished = 0
     pending = Message.objects.filter(status__in=MessageStatus.waiting())
-    for campaign in Campaign.objects.running():
+    running = Campaign.objects.running()
+    if ids is not None:
+        running = running.filter(pk__in=ids)
+    for campaign in running:
         if pending.filter(campaign=campaign).exists():
             continue
-        if campaign.status == S.SENDING:
-            transition(campaign, S.SENT, note="every message handled", finished_at=now)
-        else:
-            transition(campaign, S.WAITING, note="test sent; waiting for the test window to end")
+        try:
+            if campaign.status == S.SENDING:
+                transition(campaign, S.SENT, note="every message handled", finished_at=now)
+            else:
+                transition(
+                    campaign, S.WAITING, note="test sent; waiting for the test window to end"
+                )
+        except CampaignError:
+            continue  # another worker (or a person) moved it a moment ago
         finished += 1
     return finished
 

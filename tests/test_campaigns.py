@@ -9,6 +9,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -505,6 +506,85 @@ def test_a_contact_suppressed_after_launch_is_not_mailed(smtp, audience):
     assert Message.objects.get(campaign=campaign, to_email="ok2@example.com").status == (
         MessageStatus.SUPPRESSED
     )
+
+
+# --- The campaign's status follows its last email ----------------------------------------
+
+
+@contextmanager
+def tasks_here():
+    """Celery runs each task in this process as it is sent, as a worker would."""
+    from celery import current_app
+
+    import mailer.tasks  # noqa: F401 - registers the tasks, as a worker does
+
+    conf = current_app.conf
+    before = conf.task_always_eager, conf.task_eager_propagates
+    conf.task_always_eager = conf.task_eager_propagates = True
+    try:
+        yield
+    finally:
+        conf.task_always_eager, conf.task_eager_propagates = before
+
+
+def test_the_batch_that_handles_the_last_email_marks_the_campaign_sent(smtp, audience):
+    campaign = launched(audience)  # three recipients
+
+    with tasks_here():
+        assert send_some(2) == 2
+        assert Campaign.objects.get(pk=campaign.pk).status == S.SENDING  # one still to go
+
+        assert send_some(5) == 1  # no housekeeping runs here
+
+    campaign.refresh_from_db()
+    assert campaign.status == S.SENT
+    assert campaign.finished_at is not None
+    assert campaign.transitions.last().note == "every message handled"
+
+
+def test_a_campaign_whose_last_email_is_suppressed_at_send_is_sent_too(smtp, audience):
+    campaign = launched(audience)
+    send_some(2)
+    last = Message.objects.get(campaign=campaign, status=MessageStatus.QUEUED)
+    Suppression.objects.create(email=last.to_email, scope=Suppression.Scope.MARKETING)
+
+    with tasks_here():
+        assert send_some(5) == 0
+
+    assert Message.objects.get(pk=last.pk).status == MessageStatus.SUPPRESSED
+    assert Campaign.objects.get(pk=campaign.pk).status == S.SENT
+
+
+def test_campaigns_done_is_one_query_and_names_only_running_campaigns_with_nothing_waiting(
+    smtp, newsletter, everyone, django_assert_num_queries
+):
+    add_contacts(2)
+    finished = launched(make_campaign(newsletter, everyone, name="finished"))
+    Message.objects.filter(campaign=finished).update(status=MessageStatus.SENT)
+    waiting = launched(make_campaign(newsletter, everyone, name="waiting"))
+    Message.objects.filter(campaign=waiting).update(status=MessageStatus.SENT)
+    Message.objects.filter(campaign=waiting).filter(
+        pk=Message.objects.filter(campaign=waiting).order_by("pk").values("pk")[:1]
+    ).update(status=MessageStatus.SENDING)
+    paused = launched(make_campaign(newsletter, everyone, name="paused"))
+    Message.objects.filter(campaign=paused).update(status=MessageStatus.CANCELLED)
+    campaigns.pause(paused)
+
+    with django_assert_num_queries(1):
+        done = outbox.campaigns_done({finished.pk, waiting.pk, paused.pk})
+
+    assert done == [finished.pk]
+    assert outbox.campaigns_done(set()) == []
+
+
+def test_finishing_twice_is_harmless(smtp, audience):
+    campaign = launched(audience)
+    delivery.drain(Kind.CAMPAIGN)
+
+    assert campaigns.finish_campaigns(ids=[campaign.pk]) == 1
+    assert campaigns.finish_campaigns(ids=[campaign.pk]) == 0
+    assert campaigns.finish_campaigns() == 0
+    assert Campaign.objects.get(pk=campaign.pk).status == S.SENT
 
 
 # --- Pause, resume, cancel ---------------------------------------------------------------

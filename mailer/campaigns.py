@@ -217,10 +217,16 @@ def duplicate(campaign: Campaign, *, by=None) -> Campaign:
 
 
 def send_test(campaign: Campaign, to: str, *, by=None) -> list[Message]:
-    """Send each variant (or the template) to one address now, outside the campaign's
-    numbers; the subject says TEST."""
+    """Send one address what the campaign's recipients will get, now, outside its numbers:
+    each A/B variant (or the template alone, as without a test), from the campaign's
+    sender with its Reply-To (compose reads them from ``test_of_campaign``); the subject
+    says TEST."""
     address = clean_address(to)
-    variants = list(campaign.variants.all()) or [None]
+    variants = list(campaign.variants.all())
+    # The launch's rule: variants are sent only in an A/B test, else everyone gets the
+    # campaign's own template and subject.
+    if not (campaign.test_share and len(variants) >= 2):
+        variants = [None]
     contact = Contact.objects.filter(email=address).first()
     created = []
     for variant in variants:

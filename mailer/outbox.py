@@ -259,7 +259,24 @@ def claim(queue: str, size: int, token: uuid.UUID) -> list[Message]:
         claimed = _claim_portable(queue, size, token, now)
     # Composing reads these for every email: one query each per batch, not per email.
     prefetch_related_objects(claimed, "contact", "campaign", "variant")
+    attach_tested_campaigns(claimed)
     return claimed
+
+
+def attach_tested_campaigns(messages: list[Message]) -> None:
+    """Give each test email (a campaign's "Send a test") the campaign it tests, whose
+    sender and Reply-To it carries, as ``tested_campaign``: one query, only when a batch
+    holds such an email. Its ``campaign`` stays empty: it is not one of the recipients."""
+    tests = {
+        m: m.metadata["test_of_campaign"]
+        for m in messages
+        if m.campaign_id is None and isinstance(m.metadata, dict) and m.metadata.get("test")
+    }
+    if not tests:
+        return
+    found = Campaign.objects.in_bulk({pk for pk in tests.values() if isinstance(pk, int)})
+    for message, pk in tests.items():
+        message.tested_campaign = found.get(pk)
 
 
 def _claim_portable(queue: Queue, size: int, token: uuid.UUID, now: datetime) -> list[Message]:

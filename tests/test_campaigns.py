@@ -749,6 +749,78 @@ def test_send_test_without_variants_sends_the_template_once(smtp, newsletter, ev
     assert received.parsed()["Subject"] == "[TEST] News for"
 
 
+def _headers(email) -> tuple:
+    sender = email["From"].addresses[0]
+    return (
+        email["Subject"].removeprefix("[TEST] "),
+        sender.display_name,
+        sender.addr_spec,
+        email["Reply-To"],
+        bool(email["List-Unsubscribe"]),
+    )
+
+
+def test_send_test_carries_the_campaigns_sender_reply_to_and_variant_as_the_real_send(
+    smtp, newsletter, everyone
+):
+    add_contacts(40)
+    campaign = make_campaign(
+        newsletter,
+        everyone,
+        test_share=50,
+        variants=[("A", "Alpha"), ("B", "Beta")],
+        from_name="Spring Team",
+        from_email="team@mailer.test",
+        reply_to="replies@mailer.test",
+    )
+    Variant.objects.filter(campaign=campaign, label="B").update(from_name="The B Team")
+
+    campaigns.send_test(campaign, "tester@example.com")
+    assert delivery.drain(Kind.CAMPAIGN) == 2
+    tests = {_headers(m.parsed()) for m in smtp.to("tester@example.com")}
+
+    assert tests == {
+        ("Alpha", "Spring Team", "team@mailer.test", "replies@mailer.test", True),
+        ("Beta", "The B Team", "team@mailer.test", "replies@mailer.test", True),
+    }
+    # The real send's test share gets exactly those headers, variant by variant.
+    launched(campaign)
+    delivery.drain(Kind.CAMPAIGN)
+    real = {_headers(m.parsed()) for m in smtp.messages if "tester@example.com" not in m.rcpt_tos}
+    assert real == tests
+
+
+def test_send_test_of_a_campaign_without_an_ab_test_ignores_its_variants(
+    smtp, newsletter, everyone
+):
+    campaign = make_campaign(
+        newsletter,
+        everyone,
+        variants=[("A", "Alpha"), ("B", "Beta")],
+        from_email="team@mailer.test",
+        reply_to="replies@mailer.test",
+    )
+
+    (message,) = campaigns.send_test(campaign, "tester@example.com")
+    delivery.drain(Kind.CAMPAIGN)
+
+    assert message.variant is None
+    (received,) = smtp.to("tester@example.com")
+    email = received.parsed()
+    assert email["Subject"] == "[TEST] News for"  # the template's, as the launch sends
+    assert email["From"].addresses[0].addr_spec == "team@mailer.test"
+    assert email["Reply-To"] == "replies@mailer.test"
+
+
+def test_a_test_email_built_outside_a_batch_reads_its_campaign(newsletter, everyone):
+    campaign = make_campaign(newsletter, everyone, from_email="team@mailer.test")
+    (message,) = campaigns.send_test(campaign, "tester@example.com")
+    fresh = Message.objects.get(pk=message.pk)
+
+    assert compose.sending_campaign(fresh) == campaign
+    assert compose.sending_campaign(Message(metadata={"test_of_campaign": "x", "test": 1})) is None
+
+
 def test_send_test_needs_a_template(everyone):
     with pytest.raises(CampaignError, match="template"):
         campaigns.send_test(make_campaign(None, everyone), "tester@example.com")

@@ -9,10 +9,12 @@ import json
 import redis
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -37,6 +39,7 @@ from . import (
 from .exceptions import ImportFileError, MailerError
 from .models import (
     Campaign,
+    CampaignStatus,
     CampaignTransition,
     Contact,
     Event,
@@ -560,18 +563,57 @@ ACTIONS = {
     "cancel": "Cancel",
     "duplicate": "Duplicate",
 }
+#: Actions that cannot be undone: a page first shows what they will do (the audience, the
+#: unsent messages) and asks; one click never sends or cancels a campaign.
+IRREVERSIBLE = ("send_now", "cancel")
+
+
+class ReadOnlyRecord:
+    """An admin whose records may be read-only (a message, a sent campaign): their page
+    shows no Save buttons, as there is nothing to save."""
+
+    def is_read_only(self, obj) -> bool:
+        return True
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.is_read_only(obj):
+            context.update(
+                show_save=False, show_save_and_continue=False, show_save_and_add_another=False
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+
+class CampaignChangeList(ChangeList):
+    """The campaign list, with each row's sent, open and click figures from one
+    aggregate over the page's campaigns (``reports.summaries``)."""
+
+    def get_results(self, request) -> None:
+        super().get_results(request)
+        stats = reports.summaries([c.pk for c in self.result_list])
+        for campaign in self.result_list:
+            campaign.list_stats = stats.get(campaign.pk, {})
 
 
 @admin.register(Campaign)
-class CampaignAdmin(admin.ModelAdmin):
+class CampaignAdmin(ReadOnlyRecord, admin.ModelAdmin):
     form = CampaignForm
-    list_display = ("name", "status", "send_at", "recipients", "launched_at", "finished_at")
+    list_display = (
+        "name",
+        "status",
+        "send_at",
+        "recipients",
+        "sent_count",
+        "open_rate",
+        "click_rate",
+        "finished_at",
+    )
     list_filter = ("status",)
     search_fields = ("name",)
     filter_horizontal = ("segments", "exclude_segments")
     inlines = (VariantInline, TransitionInline)
     readonly_fields = (
         "status",
+        "audience",
         "recipients",
         "launched_at",
         "finished_at",
@@ -582,7 +624,10 @@ class CampaignAdmin(admin.ModelAdmin):
         "report_read_only",
     )
     fieldsets = (
-        (None, {"fields": ("name", "status", "template", "segments", "exclude_segments")}),
+        (
+            None,
+            {"fields": ("name", "status", "template", "segments", "exclude_segments", "audience")},
+        ),
         ("Sender", {"fields": ("from_name", "from_email", "reply_to")}),
         ("When", {"fields": ("send_at",)}),
         (
@@ -612,6 +657,46 @@ class CampaignAdmin(admin.ModelAdmin):
         "duplicate_action",
     )
     change_form_template = "admin/mailer/campaign/change_form.html"
+
+    def is_read_only(self, obj: Campaign) -> bool:
+        return obj.status not in EDITABLE  # on its way, or done: nothing here changes it
+
+    def get_changelist(self, request, **kwargs):
+        return CampaignChangeList
+
+    @admin.display(description="sent")
+    def sent_count(self, obj: Campaign) -> str:
+        stats = getattr(obj, "list_stats", None) or {}
+        return f"{stats['sent']:,}" if stats else "—"
+
+    @admin.display(description="open rate")
+    def open_rate(self, obj: Campaign) -> str:
+        rate = (getattr(obj, "list_stats", None) or {}).get("open_rate")
+        return "—" if rate is None else f"{rate}%"
+
+    @admin.display(description="click rate")
+    def click_rate(self, obj: Campaign) -> str:
+        rate = (getattr(obj, "list_stats", None) or {}).get("click_rate")
+        return "—" if rate is None else f"{rate}%"
+
+    @admin.display(description="Audience")
+    def audience(self, obj: Campaign) -> str:
+        if obj.pk is None:
+            return "Save the campaign to see its audience."
+        if obj.status not in (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED):
+            return f"{obj.recipients:,} recipients at launch"
+        try:
+            size = campaigns.estimated_audience(obj)
+        except MailerError as exc:
+            return f"Cannot evaluate the segments: {exc}"
+        if size is None:
+            return "Choose a segment to see the audience."
+        return format_html(
+            '<span data-audience="{}">~{} contacts now</span> (in the segments, with consent, '
+            "not suppressed; counted again at launch)",
+            size,
+            f"{size:,}",
+        )
 
     def get_readonly_fields(self, request, obj=None):
         fields = list(super().get_readonly_fields(request, obj))
@@ -695,7 +780,7 @@ class CampaignAdmin(admin.ModelAdmin):
             {
                 "campaign": obj,
                 "r": figures,
-                "chart": chart(figures["timeline"]),
+                "chart": chart(figures["timeline"], figures["bucket"]),
                 "can_change": can_change,
             },
         )
@@ -757,6 +842,8 @@ class CampaignAdmin(admin.ModelAdmin):
         campaign = get_object_or_404(Campaign, pk=pk)
         if not self.may(request, action, campaign):
             return HttpResponse(status=403)
+        if action in IRREVERSIBLE and request.POST.get("confirm") != "yes":
+            return self.confirmation(request, [campaign], action)
         try:
             self._run(request, campaign, action)
         except MailerError as exc:
@@ -787,6 +874,43 @@ class CampaignAdmin(admin.ModelAdmin):
             report_rows(campaign, reports.report(campaign)), f"campaign-{pk}-report.csv"
         )
 
+    def confirmation(self, request, chosen: list[Campaign], action: str, *, bulk: bool = False):
+        """The page between a click on Send now or Cancel and its effect: what it will
+        do to each campaign (its audience, or why it cannot be sent; its unsent mail)."""
+        rows = []
+        for campaign in chosen:
+            row = {"campaign": campaign, "size": None, "error": "", "unsent": None}
+            if action == "send_now":
+                try:
+                    row["size"] = campaigns.check_ready(campaign)
+                except MailerError as exc:
+                    row["error"] = str(exc)
+                if campaign.status not in (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED):
+                    row["error"] = f"It is {campaign.get_status_display().lower()}."
+            else:
+                row["unsent"] = campaigns.unsent(campaign)
+                if campaign.status in (CampaignStatus.SENT, CampaignStatus.CANCELLED):
+                    row["error"] = f"It is already {campaign.get_status_display().lower()}."
+            count = row["size"] if action == "send_now" else row["unsent"]
+            row["count"] = "" if count is None else f"{count:,}"
+            rows.append(row)
+        ready = [row for row in rows if not row["error"]]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{ACTIONS[action]}: are you sure?",
+            "opts": self.opts,
+            "action": action,
+            "label": ACTIONS[action],
+            "rows": rows,
+            "ready": ready,
+            "total": f"{sum(row['size'] or 0 for row in ready):,}",
+            "bulk": bulk,
+            "back": reverse("admin:mailer_campaign_changelist")
+            if bulk
+            else reverse("admin:mailer_campaign_change", args=[chosen[0].pk]),
+        }
+        return TemplateResponse(request, "admin/mailer/campaign/confirm.html", context)
+
     def _bulk(self, request, queryset, action: str) -> None:
         for campaign in queryset:
             try:
@@ -800,6 +924,8 @@ class CampaignAdmin(admin.ModelAdmin):
 
     @admin.action(description="Send selected campaigns now", permissions=["change"])
     def send_now_action(self, request, queryset):
+        if request.POST.get("confirm") != "yes":
+            return self.confirmation(request, list(queryset), "send_now", bulk=True)
         self._bulk(request, queryset, "send_now")
 
     @admin.action(description="Pause selected campaigns", permissions=["change"])
@@ -812,6 +938,8 @@ class CampaignAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected campaigns", permissions=["change"])
     def cancel_action(self, request, queryset):
+        if request.POST.get("confirm") != "yes":
+            return self.confirmation(request, list(queryset), "cancel", bulk=True)
         self._bulk(request, queryset, "cancel")
 
     @admin.action(description="Duplicate selected campaigns", permissions=["add"])
@@ -846,6 +974,9 @@ def report_rows(campaign: Campaign, r: dict):
         "cancelled",
         "pending",
     ):
+        if key in ("delivered", "bounced", "complained") and not r["delivery_reported"]:
+            yield [key, "", "not reported"]  # SMTP gives no delivery events: not a 0
+            continue
         yield [key, r[key], r["rates"].get(key, "")]
     if r["variants"]:
         yield []
@@ -871,41 +1002,82 @@ def report_rows(campaign: Campaign, r: dict):
                 "yes" if v["winner"] else "",
             ]
     yield []
-    yield ["hour", "opens", "clicks"]
+    yield ["bucket", r["bucket"].label]
+    yield ["start", "opens", "clicks"]
     for point in r["timeline"]:
-        yield [point["hour"].isoformat(), point["opens"], point["clicks"]]
+        yield [point["start"].isoformat(), point["opens"], point["clicks"]]
     yield []
     yield ["link", "unique clicks"]
     for link in r["top_links"]:
         yield [safe(link["link__url"]), link["clicks"]]
 
 
-def chart(timeline: list[dict], width: int = 640, height: int = 180) -> dict:
-    """Bar geometry for an inline SVG of opens and clicks per hour (no scripts, no CDN)."""
+def _nice_top(value: int) -> int:
+    """The smallest 1, 2 or 5 × 10ⁿ at or above ``value`` (at least 4), for even ticks."""
+    step = 1
+    while True:
+        for factor in (1, 2, 5):
+            if step * factor >= max(value, 4):
+                return step * factor
+        step *= 10
+
+
+def chart(
+    timeline: list[dict], bucket: reports.Bucket, width: int = 720, height: int = 260
+) -> dict:
+    """Geometry of the inline SVG of opens and clicks per bucket (no scripts, no CDN):
+    bars, a y axis with even ticks, time labels on the x axis, axis titles and a legend."""
+    left, right, top, bottom = 52, 12, 30, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    base = {
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "right_x": width - right,
+        "bottom_y": top + plot_h,
+        "bucket": bucket.label,
+        "timezone": timezone.get_current_timezone_name(),
+    }
     if not timeline:
-        return {"bars": [], "width": width, "height": height, "max": 0, "labels": []}
-    top = max(max(p["opens"], p["clicks"]) for p in timeline) or 1
-    slot = width / len(timeline)
-    bar = max(1.0, slot / 2 - 1)
+        return {**base, "bars": [], "max": 0, "labels": [], "ticks": []}
+    peak = max(max(p["opens"], p["clicks"]) for p in timeline)
+    scale = _nice_top(peak)
+    slot = plot_w / len(timeline)
+    bar = max(1.0, slot * 0.8 / 2)
     bars, labels = [], []
-    plot = height - 20
+    one_day = timeline[0]["start"].date() == timeline[-1]["start"].date()
+    if bucket.seconds >= 86400:
+        fmt = "%d %b"
+    elif one_day:
+        fmt = "%H:%M"
+    else:
+        fmt = "%d %b %H:%M"
+    every = max(1, -(-len(timeline) // 8))  # at most eight time labels
     for i, point in enumerate(timeline):
+        x = left + i * slot + slot * 0.1
         for j, key in enumerate(("opens", "clicks")):
-            h = plot * point[key] / top
+            h = plot_h * point[key] / scale
             bars.append(
                 {
-                    "x": round(i * slot + j * bar, 1),
-                    "y": round(plot - h, 1),
+                    "x": round(x + j * bar, 1),
+                    "y": round(top + plot_h - h, 1),
                     "w": round(bar, 1),
                     "h": round(h, 1),
                     "kind": key,
                     "value": point[key],
-                    "hour": point["hour"],
+                    "start": point["start"],
                 }
             )
-        if len(timeline) <= 12 or i % max(1, len(timeline) // 12) == 0:
-            labels.append({"x": round(i * slot, 1), "text": point["hour"].strftime("%d %H:00")})
-    return {"bars": bars, "width": width, "height": height, "max": top, "labels": labels}
+        if i % every == 0:
+            labels.append(
+                {"x": round(left + (i + 0.5) * slot, 1), "text": point["start"].strftime(fmt)}
+            )
+    ticks = [
+        {"y": round(top + plot_h - plot_h * k / 4, 1), "value": f"{scale * k // 4:,}"}
+        for k in range(5)
+    ]
+    return {**base, "bars": bars, "max": peak, "labels": labels, "ticks": ticks}
 
 
 class SuppressionImportForm(forms.Form):

@@ -99,6 +99,19 @@ def check_ready(campaign: Campaign) -> int:
     return size
 
 
+def estimated_audience(campaign: Campaign) -> int | None:
+    """How many contacts the campaign would reach now (None without a segment): what a
+    draft shows, and what "Send now" asks a person to confirm. One COUNT."""
+    if not campaign.segments.exists():
+        return None
+    return segments.audience(campaign).count()
+
+
+def unsent(campaign: Campaign) -> int:
+    """Messages of the campaign still waiting to go: what a cancel would stop."""
+    return Message.objects.filter(campaign=campaign, status__in=MessageStatus.waiting()).count()
+
+
 def schedule(campaign: Campaign, send_at: datetime, *, by=None) -> Campaign:
     if timezone.is_naive(send_at):
         raise CampaignError("Give the send time with its time zone.", field="send_at")

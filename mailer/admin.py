@@ -78,13 +78,28 @@ class CSVImportForm(forms.Form):
     file = forms.FileField()
 
 
-def _iframe(html: str, height: int = 480) -> str:
-    # srcdoc in a sandbox with no permissions: no scripts, no same-origin access.
+class ContactImportForm(CSVImportForm):
+    file = forms.FileField(
+        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+        help_text="UTF-8 CSV. Rows stream through in batches; a file that cannot be read "
+        "imports nothing.",
+    )
+
+
+#: Preview width: an email is laid out for 600 px, plus the preview's scrollbar.
+PREVIEW_WIDTH = 680
+
+
+def _iframe(html: str, height: int = 640) -> str:
+    # srcdoc in a sandbox with no permissions: no scripts, no same-origin access. At an
+    # email's own width, never squeezed by the form around it (a narrow one scrolls).
     return format_html(
-        '<iframe sandbox="" referrerpolicy="no-referrer" srcdoc="{}" '
-        'style="width:100%;max-width:760px;height:{}px;border:1px solid #ccc;background:#fff">'
-        "</iframe>",
+        '<div class="mailer-preview" style="max-width:100%;overflow-x:auto">'
+        '<iframe sandbox="" class="mailer-preview-frame" referrerpolicy="no-referrer" '
+        'srcdoc="{}" style="display:block;width:{}px;height:{}px;border:1px solid #ccc;'
+        'background:#fff"></iframe></div>',
         html,
+        PREVIEW_WIDTH,
         height,
     )
 
@@ -92,6 +107,21 @@ def _iframe(html: str, height: int = 480) -> str:
 def _json_block(value) -> str:
     text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
     return format_html('<pre style="white-space:pre-wrap;margin:0">{}</pre>', text)
+
+
+class ReadOnlyRecord:
+    """An admin whose records may be read-only (a message, a sent campaign): their page
+    shows no Save buttons, as there is nothing to save."""
+
+    def is_read_only(self, obj) -> bool:
+        return True
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.is_read_only(obj):
+            context.update(
+                show_save=False, show_save_and_continue=False, show_save_and_add_another=False
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
 
 class EventInline(admin.TabularInline):
@@ -114,7 +144,7 @@ class EventInline(admin.TabularInline):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = (
         "id",
         "to_email",
@@ -354,42 +384,41 @@ class ContactAdmin(admin.ModelAdmin):
     def import_view(self, request):
         if not self.has_import_permission(request):
             return HttpResponse(status=403)
-        form = CSVImportForm(request.POST or None, request.FILES or None)
+        form = ContactImportForm(request.POST or None, request.FILES or None)
+        report = None
         if request.method == "POST" and form.is_valid():
             upload = form.cleaned_data["file"]
+            dry_run = "_dry_run" in request.POST
             try:
                 report = contacts.import_csv(
                     upload.file,
                     source=f"admin import of {upload.name} by {request.user.get_username()}",
+                    dry_run=dry_run,
                 )
             except ImportFileError as exc:
                 form.add_error("file", f"Nothing was imported: {exc}")
             else:
-                self.message_user(
-                    request,
+                summary = (
                     f"{report.rows} rows: {report.created} contacts created, "
                     f"{report.updated} updated, {report.duplicates} duplicates merged, "
-                    f"{len(report.rejected)} rejected.",
-                    messages.WARNING if report.rejected else messages.SUCCESS,
+                    f"{len(report.rejected)} rejected."
                 )
-                for line, reason in report.rejected[:50]:
-                    self.message_user(request, f"Row {line}: {reason}", messages.WARNING)
-                if len(report.rejected) > 50:
-                    self.message_user(
-                        request,
-                        f"… and {len(report.rejected) - 50} more rejected rows.",
-                        messages.WARNING,
-                    )
-                return redirect(reverse("admin:mailer_contact_changelist"))
+                if dry_run:
+                    summary = f"Dry run, nothing was imported. {summary}"
+                level = messages.WARNING if report.rejected or dry_run else messages.SUCCESS
+                self.message_user(request, summary, level)
+                form = ContactImportForm()  # a dry run's file is chosen again to import it
         context = {
             **self.admin_site.each_context(request),
             "title": "Import contacts",
             "form": form,
             "opts": self.model._meta,
+            "report": report,
+            "dry_run_button": True,
             "help": "CSV with a header row: email (required), name, language, timezone, tags "
             "(;-separated), consent (granted/withdrawn/yes/no), consent_source. Any other column "
             "becomes an attribute. Existing contacts are updated; the same address in any case "
-            "is one contact.",
+            "is one contact. A dry run shows what the import would do and stores nothing.",
         }
         return render(request, "admin/mailer/import.html", context)
 
@@ -566,21 +595,6 @@ ACTIONS = {
 #: Actions that cannot be undone: a page first shows what they will do (the audience, the
 #: unsent messages) and asks; one click never sends or cancels a campaign.
 IRREVERSIBLE = ("send_now", "cancel")
-
-
-class ReadOnlyRecord:
-    """An admin whose records may be read-only (a message, a sent campaign): their page
-    shows no Save buttons, as there is nothing to save."""
-
-    def is_read_only(self, obj) -> bool:
-        return True
-
-    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
-        if obj is not None and self.is_read_only(obj):
-            context.update(
-                show_save=False, show_save_and_continue=False, show_save_and_add_another=False
-            )
-        return super().render_change_form(request, context, add, change, form_url, obj)
 
 
 class CampaignChangeList(ChangeList):
@@ -1170,7 +1184,7 @@ class SuppressionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("timestamp", "event_type", "recipient", "bounce", "automated", "message")
     list_filter = (
         "event_type",
@@ -1195,7 +1209,7 @@ class EventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Link)
-class LinkAdmin(admin.ModelAdmin):
+class LinkAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("id", "url", "created_at")
     search_fields = ("url",)
     readonly_fields = ("url", "url_hash", "created_at")
@@ -1250,7 +1264,7 @@ class QueueThrottleAdmin(admin.ModelAdmin):
 
 
 @admin.register(ReputationPause)
-class ReputationPauseAdmin(admin.ModelAdmin):
+class ReputationPauseAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("created_at", "active", "reason", "lifted_at", "lifted_by")
     list_filter = ("active",)
     readonly_fields = ("reason", "rates", "created_at", "active", "lifted_at", "lifted_by")

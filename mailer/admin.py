@@ -247,12 +247,15 @@ class MessageAdmin(ReadOnlyRecord, admin.ModelAdmin):
             source = rendering.find_template(obj.template_slug, obj.language)
             context = redact.masked(compose.message_context(obj))
             rendered = rendering.compiled(source).render(context)
+            subject = rendered.subject
+            if obj.variant is not None and obj.variant.subject:  # as compose sends it
+                subject = rendering.subject_template(obj.variant.subject).render_subject(context)
         except MailerError as exc:
             return format_html("<em>Cannot render this message: {}</em>", exc)
         return format_html(
             "<p><strong>Subject:</strong> {}</p>{}<details><summary>Text part</summary>"
             "<pre style='white-space:pre-wrap'>{}</pre></details>",
-            rendered.subject,
+            subject,
             _iframe(rendered.html),
             rendered.text,
         )
@@ -432,6 +435,11 @@ class SegmentRuleForm(forms.ModelForm):
     class Meta:
         model = SegmentRule
         fields = ("field", "attribute", "operator", "value")
+        # Sized for one row of the rules table beside the form's labels at 1400 px.
+        widgets = {
+            "attribute": forms.TextInput(attrs={"size": 14}),
+            "value": forms.TextInput(attrs={"size": 24}),
+        }
 
     def _post_clean(self) -> None:
         super()._post_clean()
@@ -505,6 +513,12 @@ class VariantForm(forms.ModelForm):
     class Meta:
         model = Variant
         fields = ("label", "subject", "from_name", "template")
+        # Sized for one row of the variants table beside the form's labels at 1400 px.
+        widgets = {
+            "label": forms.TextInput(attrs={"size": 2}),
+            "subject": forms.TextInput(attrs={"size": 32}),
+            "from_name": forms.TextInput(attrs={"size": 18}),
+        }
 
     def _post_clean(self) -> None:
         super()._post_clean()
@@ -1067,7 +1081,10 @@ def chart(
         fmt = "%H:%M"
     else:
         fmt = "%d %b %H:%M"
-    every = max(1, -(-len(timeline) // 8))  # at most eight time labels
+    # Time labels as many as fit side by side (about 6 px a character at 10 px), each
+    # centred on its bar and left out where it would run past the chart's edge.
+    label_w = len(timeline[0]["start"].strftime(fmt)) * 6 + 12
+    every = max(1, -(-len(timeline) * label_w // plot_w))
     for i, point in enumerate(timeline):
         x = left + i * slot + slot * 0.1
         for j, key in enumerate(("opens", "clicks")):
@@ -1083,10 +1100,9 @@ def chart(
                     "start": point["start"],
                 }
             )
-        if i % every == 0:
-            labels.append(
-                {"x": round(left + (i + 0.5) * slot, 1), "text": point["start"].strftime(fmt)}
-            )
+        centre = left + (i + 0.5) * slot
+        if i % every == 0 and label_w / 2 <= centre <= width - label_w / 2:
+            labels.append({"x": round(centre, 1), "text": point["start"].strftime(fmt)})
     ticks = [
         {"y": round(top + plot_h - plot_h * k / 4, 1), "value": f"{scale * k // 4:,}"}
         for k in range(5)

@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from mailer import outbox
-from mailer.models import Kind, Message, MessageStatus, Suppression, Template
+from mailer.models import Campaign, Kind, Message, MessageStatus, Suppression, Template, Variant
 from tests.factories import MessageFactory, TemplateFactory
 
 pytestmark = pytest.mark.django_db
@@ -322,3 +322,16 @@ def test_previews_are_shown_at_email_width(admin_client):
         content = admin_client.get(url).content.decode()
         assert 'class="mailer-preview-frame"' in content
         assert "width:680px" in content  # an email's 600 px and a scrollbar, never squeezed
+
+
+def test_message_preview_shows_the_subject_of_its_ab_variant(admin_client):
+    template = TemplateFactory(slug="news", subject="The template's subject")
+    campaign = Campaign.objects.create(name="Spring", template=template)
+    variant = Variant.objects.create(campaign=campaign, label="B", subject="Variant B speaks")
+    message = MessageFactory(template=template, template_slug="news", variant=variant)
+
+    content = admin_client.get(
+        reverse("admin:mailer_message_change", args=[message.pk])
+    ).content.decode()
+
+    assert "<strong>Subject:</strong> Variant B speaks" in content

@@ -18,6 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from mailer import abtest, api, campaigns, compose, delivery, outbox, reports, reputation, segments
+from mailer import admin as admin_module
 from mailer.exceptions import CampaignError
 from mailer.models import (
     Campaign,
@@ -1183,6 +1184,31 @@ def test_report_bucket_fits_the_campaigns_span(smtp, newsletter, everyone, last,
     assert 2 <= len(report["timeline"]) <= reports.MAX_BUCKETS + 1 or label == "week"
     assert sum(p["opens"] for p in report["timeline"]) == 2
     assert report["timeline"][0]["start"] <= campaign.launched_at
+
+
+@pytest.mark.parametrize(("points", "seconds"), [(1, 60), (12, 300), (49, 3600), (120, 604800)])
+def test_report_chart_has_axes_and_time_labels_that_fit_without_overlapping(points, seconds):
+    start = timezone.now().replace(minute=0, second=0, microsecond=0)
+    size = dict(reports.BUCKET_SIZES)[seconds]
+    bucket = reports.Bucket(seconds, size, start, start)
+    timeline = [
+        {"start": start + timedelta(seconds=seconds * n), "opens": n % 7, "clicks": n % 3}
+        for n in range(points)
+    ]
+
+    drawn = admin_module.chart(timeline, bucket)
+
+    assert len(drawn["bars"]) == 2 * points
+    assert [t["value"] for t in drawn["ticks"]][0] == "0"
+    assert drawn["bucket"] == size
+    xs = [label["x"] for label in drawn["labels"]]
+    assert xs, "no time label at all"
+    width = (len(drawn["labels"][0]["text"]) * 6 + 12) / 2
+    assert all(width <= x <= drawn["width"] - width for x in xs)  # inside the chart
+    assert all(b - a >= 2 * width for a, b in zip(xs, xs[1:], strict=False))  # apart
+    assert all(
+        0 <= bar["y"] and bar["y"] + bar["h"] <= drawn["bottom_y"] + 0.1 for bar in drawn["bars"]
+    )
 
 
 def test_report_says_when_smtp_cannot_report_deliveries(smtp, newsletter, everyone, admin_client):

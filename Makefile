@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # The demo runs everything locally with the embedded defaults (SQLite, a
 # file-system Celery broker under var/, email written to var/outbox/).
 DEMO_PORT ?= 8000
-DEMO_ENV = DEBUG=1 WEB_CONCURRENCY=1 WORKER_CONCURRENCY=1
+# The web server listens on loopback only: the demo's admin password is admin.
+DEMO_ENV = DEBUG=1 WEB_CONCURRENCY=1 WORKER_CONCURRENCY=1 BIND_ADDRESS=127.0.0.1
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint fmt bench bench-campaign bench-latency clean distclean
@@ -44,8 +45,8 @@ demo: install ## Run the demo: web on :8000, both workers and beat (Ctrl-C stops
 	@echo "  Ctrl-C stops everything (web, both workers, beat)."
 	@echo "================================================================"
 	@echo
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/honcho start -f Procfile -p $(DEMO_PORT) \
-		web worker_transactional worker_campaign beat
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/python manage.py demo_processes \
+		--port $(DEMO_PORT) web worker_transactional worker_campaign beat
 
 # The whole suite on PostgreSQL, then the unit tests again on SQLite (the demo's database,
 # whose portable SQL paths must not rot).

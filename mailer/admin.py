@@ -9,10 +9,12 @@ import json
 import redis
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseNotAllowed, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -37,6 +39,7 @@ from . import (
 from .exceptions import ImportFileError, MailerError
 from .models import (
     Campaign,
+    CampaignStatus,
     CampaignTransition,
     Contact,
     Event,
@@ -75,13 +78,28 @@ class CSVImportForm(forms.Form):
     file = forms.FileField()
 
 
-def _iframe(html: str, height: int = 480) -> str:
-    # srcdoc in a sandbox with no permissions: no scripts, no same-origin access.
+class ContactImportForm(CSVImportForm):
+    file = forms.FileField(
+        widget=forms.ClearableFileInput(attrs={"accept": ".csv,text/csv"}),
+        help_text="UTF-8 CSV. Rows stream through in batches; a file that cannot be read "
+        "imports nothing.",
+    )
+
+
+#: Preview width: an email is laid out for 600 px, plus the preview's scrollbar.
+PREVIEW_WIDTH = 680
+
+
+def _iframe(html: str, height: int = 640) -> str:
+    # srcdoc in a sandbox with no permissions: no scripts, no same-origin access. At an
+    # email's own width, never squeezed by the form around it (a narrow one scrolls).
     return format_html(
-        '<iframe sandbox="" referrerpolicy="no-referrer" srcdoc="{}" '
-        'style="width:100%;max-width:760px;height:{}px;border:1px solid #ccc;background:#fff">'
-        "</iframe>",
+        '<div class="mailer-preview" style="max-width:100%;overflow-x:auto">'
+        '<iframe sandbox="" class="mailer-preview-frame" referrerpolicy="no-referrer" '
+        'srcdoc="{}" style="display:block;width:{}px;height:{}px;border:1px solid #ccc;'
+        'background:#fff"></iframe></div>',
         html,
+        PREVIEW_WIDTH,
         height,
     )
 
@@ -89,6 +107,21 @@ def _iframe(html: str, height: int = 480) -> str:
 def _json_block(value) -> str:
     text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
     return format_html('<pre style="white-space:pre-wrap;margin:0">{}</pre>', text)
+
+
+class ReadOnlyRecord:
+    """An admin whose records may be read-only (a message, a sent campaign): their page
+    shows no Save buttons, as there is nothing to save."""
+
+    def is_read_only(self, obj) -> bool:
+        return True
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.is_read_only(obj):
+            context.update(
+                show_save=False, show_save_and_continue=False, show_save_and_add_another=False
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
 
 class EventInline(admin.TabularInline):
@@ -111,7 +144,7 @@ class EventInline(admin.TabularInline):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = (
         "id",
         "to_email",
@@ -214,12 +247,15 @@ class MessageAdmin(admin.ModelAdmin):
             source = rendering.find_template(obj.template_slug, obj.language)
             context = redact.masked(compose.message_context(obj))
             rendered = rendering.compiled(source).render(context)
+            subject = rendered.subject
+            if obj.variant is not None and obj.variant.subject:  # as compose sends it
+                subject = rendering.subject_template(obj.variant.subject).render_subject(context)
         except MailerError as exc:
             return format_html("<em>Cannot render this message: {}</em>", exc)
         return format_html(
             "<p><strong>Subject:</strong> {}</p>{}<details><summary>Text part</summary>"
             "<pre style='white-space:pre-wrap'>{}</pre></details>",
-            rendered.subject,
+            subject,
             _iframe(rendered.html),
             rendered.text,
         )
@@ -351,42 +387,41 @@ class ContactAdmin(admin.ModelAdmin):
     def import_view(self, request):
         if not self.has_import_permission(request):
             return HttpResponse(status=403)
-        form = CSVImportForm(request.POST or None, request.FILES or None)
+        form = ContactImportForm(request.POST or None, request.FILES or None)
+        report = None
         if request.method == "POST" and form.is_valid():
             upload = form.cleaned_data["file"]
+            dry_run = "_dry_run" in request.POST
             try:
                 report = contacts.import_csv(
                     upload.file,
                     source=f"admin import of {upload.name} by {request.user.get_username()}",
+                    dry_run=dry_run,
                 )
             except ImportFileError as exc:
                 form.add_error("file", f"Nothing was imported: {exc}")
             else:
-                self.message_user(
-                    request,
+                summary = (
                     f"{report.rows} rows: {report.created} contacts created, "
                     f"{report.updated} updated, {report.duplicates} duplicates merged, "
-                    f"{len(report.rejected)} rejected.",
-                    messages.WARNING if report.rejected else messages.SUCCESS,
+                    f"{len(report.rejected)} rejected."
                 )
-                for line, reason in report.rejected[:50]:
-                    self.message_user(request, f"Row {line}: {reason}", messages.WARNING)
-                if len(report.rejected) > 50:
-                    self.message_user(
-                        request,
-                        f"… and {len(report.rejected) - 50} more rejected rows.",
-                        messages.WARNING,
-                    )
-                return redirect(reverse("admin:mailer_contact_changelist"))
+                if dry_run:
+                    summary = f"Dry run, nothing was imported. {summary}"
+                level = messages.WARNING if report.rejected or dry_run else messages.SUCCESS
+                self.message_user(request, summary, level)
+                form = ContactImportForm()  # a dry run's file is chosen again to import it
         context = {
             **self.admin_site.each_context(request),
             "title": "Import contacts",
             "form": form,
             "opts": self.model._meta,
+            "report": report,
+            "dry_run_button": True,
             "help": "CSV with a header row: email (required), name, language, timezone, tags "
             "(;-separated), consent (granted/withdrawn/yes/no), consent_source. Any other column "
             "becomes an attribute. Existing contacts are updated; the same address in any case "
-            "is one contact.",
+            "is one contact. A dry run shows what the import would do and stores nothing.",
         }
         return render(request, "admin/mailer/import.html", context)
 
@@ -400,6 +435,11 @@ class SegmentRuleForm(forms.ModelForm):
     class Meta:
         model = SegmentRule
         fields = ("field", "attribute", "operator", "value")
+        # Sized for one row of the rules table beside the form's labels at 1400 px.
+        widgets = {
+            "attribute": forms.TextInput(attrs={"size": 14}),
+            "value": forms.TextInput(attrs={"size": 24}),
+        }
 
     def _post_clean(self) -> None:
         super()._post_clean()
@@ -418,8 +458,38 @@ class SegmentRuleInline(admin.TabularInline):
     fields = ("field", "attribute", "operator", "value")
 
 
+class SegmentForm(forms.ModelForm):
+    """Refuses a segment that would include or exclude itself, directly or through
+    others, before anything is saved."""
+
+    class Meta:
+        model = Segment
+        fields = ("name", "description", "match", "include_segments", "exclude_segments")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:  # itself is never offered; a longer loop is refused in clean
+            for name in ("include_segments", "exclude_segments"):
+                if name in self.fields:
+                    field = self.fields[name]
+                    field.queryset = field.queryset.exclude(pk=self.instance.pk)
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        try:
+            segments.check_no_cycle(
+                self.instance,
+                include=cleaned.get("include_segments") or (),
+                exclude=cleaned.get("exclude_segments") or (),
+            )
+        except MailerError as exc:
+            self.add_error(getattr(exc, "field", None), str(exc))
+        return cleaned
+
+
 @admin.register(Segment)
 class SegmentAdmin(admin.ModelAdmin):
+    form = SegmentForm
     list_display = ("name", "match", "updated_at")
     search_fields = ("name", "description")
     filter_horizontal = ("include_segments", "exclude_segments")
@@ -443,6 +513,12 @@ class VariantForm(forms.ModelForm):
     class Meta:
         model = Variant
         fields = ("label", "subject", "from_name", "template")
+        # Sized for one row of the variants table beside the form's labels at 1400 px.
+        widgets = {
+            "label": forms.TextInput(attrs={"size": 2}),
+            "subject": forms.TextInput(attrs={"size": 32}),
+            "from_name": forms.TextInput(attrs={"size": 18}),
+        }
 
     def _post_clean(self) -> None:
         super()._post_clean()
@@ -530,18 +606,42 @@ ACTIONS = {
     "cancel": "Cancel",
     "duplicate": "Duplicate",
 }
+#: Actions that cannot be undone: a page first shows what they will do (the audience, the
+#: unsent messages) and asks; one click never sends or cancels a campaign.
+IRREVERSIBLE = ("send_now", "cancel")
+
+
+class CampaignChangeList(ChangeList):
+    """The campaign list, with each row's sent, open and click figures from one
+    aggregate over the page's campaigns (``reports.summaries``)."""
+
+    def get_results(self, request) -> None:
+        super().get_results(request)
+        stats = reports.summaries([c.pk for c in self.result_list])
+        for campaign in self.result_list:
+            campaign.list_stats = stats.get(campaign.pk, {})
 
 
 @admin.register(Campaign)
-class CampaignAdmin(admin.ModelAdmin):
+class CampaignAdmin(ReadOnlyRecord, admin.ModelAdmin):
     form = CampaignForm
-    list_display = ("name", "status", "send_at", "recipients", "launched_at", "finished_at")
+    list_display = (
+        "name",
+        "status",
+        "send_at",
+        "recipients",
+        "sent_count",
+        "open_rate",
+        "click_rate",
+        "finished_at",
+    )
     list_filter = ("status",)
     search_fields = ("name",)
     filter_horizontal = ("segments", "exclude_segments")
     inlines = (VariantInline, TransitionInline)
     readonly_fields = (
         "status",
+        "audience",
         "recipients",
         "launched_at",
         "finished_at",
@@ -552,7 +652,10 @@ class CampaignAdmin(admin.ModelAdmin):
         "report_read_only",
     )
     fieldsets = (
-        (None, {"fields": ("name", "status", "template", "segments", "exclude_segments")}),
+        (
+            None,
+            {"fields": ("name", "status", "template", "segments", "exclude_segments", "audience")},
+        ),
         ("Sender", {"fields": ("from_name", "from_email", "reply_to")}),
         ("When", {"fields": ("send_at",)}),
         (
@@ -582,6 +685,46 @@ class CampaignAdmin(admin.ModelAdmin):
         "duplicate_action",
     )
     change_form_template = "admin/mailer/campaign/change_form.html"
+
+    def is_read_only(self, obj: Campaign) -> bool:
+        return obj.status not in EDITABLE  # on its way, or done: nothing here changes it
+
+    def get_changelist(self, request, **kwargs):
+        return CampaignChangeList
+
+    @admin.display(description="sent")
+    def sent_count(self, obj: Campaign) -> str:
+        stats = getattr(obj, "list_stats", None) or {}
+        return f"{stats['sent']:,}" if stats else "—"
+
+    @admin.display(description="open rate")
+    def open_rate(self, obj: Campaign) -> str:
+        rate = (getattr(obj, "list_stats", None) or {}).get("open_rate")
+        return "—" if rate is None else f"{rate}%"
+
+    @admin.display(description="click rate")
+    def click_rate(self, obj: Campaign) -> str:
+        rate = (getattr(obj, "list_stats", None) or {}).get("click_rate")
+        return "—" if rate is None else f"{rate}%"
+
+    @admin.display(description="Audience")
+    def audience(self, obj: Campaign) -> str:
+        if obj.pk is None:
+            return "Save the campaign to see its audience."
+        if obj.status not in (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED):
+            return f"{obj.recipients:,} recipients at launch"
+        try:
+            size = campaigns.estimated_audience(obj)
+        except MailerError as exc:
+            return f"Cannot evaluate the segments: {exc}"
+        if size is None:
+            return "Choose a segment to see the audience."
+        return format_html(
+            '<span data-audience="{}">~{} contacts now</span> (in the segments, with consent, '
+            "not suppressed; counted again at launch)",
+            size,
+            f"{size:,}",
+        )
 
     def get_readonly_fields(self, request, obj=None):
         fields = list(super().get_readonly_fields(request, obj))
@@ -665,7 +808,7 @@ class CampaignAdmin(admin.ModelAdmin):
             {
                 "campaign": obj,
                 "r": figures,
-                "chart": chart(figures["timeline"]),
+                "chart": chart(figures["timeline"], figures["bucket"]),
                 "can_change": can_change,
             },
         )
@@ -727,6 +870,8 @@ class CampaignAdmin(admin.ModelAdmin):
         campaign = get_object_or_404(Campaign, pk=pk)
         if not self.may(request, action, campaign):
             return HttpResponse(status=403)
+        if action in IRREVERSIBLE and request.POST.get("confirm") != "yes":
+            return self.confirmation(request, [campaign], action)
         try:
             self._run(request, campaign, action)
         except MailerError as exc:
@@ -757,6 +902,43 @@ class CampaignAdmin(admin.ModelAdmin):
             report_rows(campaign, reports.report(campaign)), f"campaign-{pk}-report.csv"
         )
 
+    def confirmation(self, request, chosen: list[Campaign], action: str, *, bulk: bool = False):
+        """The page between a click on Send now or Cancel and its effect: what it will
+        do to each campaign (its audience, or why it cannot be sent; its unsent mail)."""
+        rows = []
+        for campaign in chosen:
+            row = {"campaign": campaign, "size": None, "error": "", "unsent": None}
+            if action == "send_now":
+                try:
+                    row["size"] = campaigns.check_ready(campaign)
+                except MailerError as exc:
+                    row["error"] = str(exc)
+                if campaign.status not in (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED):
+                    row["error"] = f"It is {campaign.get_status_display().lower()}."
+            else:
+                row["unsent"] = campaigns.unsent(campaign)
+                if campaign.status in (CampaignStatus.SENT, CampaignStatus.CANCELLED):
+                    row["error"] = f"It is already {campaign.get_status_display().lower()}."
+            count = row["size"] if action == "send_now" else row["unsent"]
+            row["count"] = "" if count is None else f"{count:,}"
+            rows.append(row)
+        ready = [row for row in rows if not row["error"]]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{ACTIONS[action]}: are you sure?",
+            "opts": self.opts,
+            "action": action,
+            "label": ACTIONS[action],
+            "rows": rows,
+            "ready": ready,
+            "total": f"{sum(row['size'] or 0 for row in ready):,}",
+            "bulk": bulk,
+            "back": reverse("admin:mailer_campaign_changelist")
+            if bulk
+            else reverse("admin:mailer_campaign_change", args=[chosen[0].pk]),
+        }
+        return TemplateResponse(request, "admin/mailer/campaign/confirm.html", context)
+
     def _bulk(self, request, queryset, action: str) -> None:
         for campaign in queryset:
             try:
@@ -770,6 +952,8 @@ class CampaignAdmin(admin.ModelAdmin):
 
     @admin.action(description="Send selected campaigns now", permissions=["change"])
     def send_now_action(self, request, queryset):
+        if request.POST.get("confirm") != "yes":
+            return self.confirmation(request, list(queryset), "send_now", bulk=True)
         self._bulk(request, queryset, "send_now")
 
     @admin.action(description="Pause selected campaigns", permissions=["change"])
@@ -782,6 +966,8 @@ class CampaignAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected campaigns", permissions=["change"])
     def cancel_action(self, request, queryset):
+        if request.POST.get("confirm") != "yes":
+            return self.confirmation(request, list(queryset), "cancel", bulk=True)
         self._bulk(request, queryset, "cancel")
 
     @admin.action(description="Duplicate selected campaigns", permissions=["add"])
@@ -816,6 +1002,9 @@ def report_rows(campaign: Campaign, r: dict):
         "cancelled",
         "pending",
     ):
+        if key in ("delivered", "bounced", "complained") and not r["delivery_reported"]:
+            yield [key, "", "not reported"]  # SMTP gives no delivery events: not a 0
+            continue
         yield [key, r[key], r["rates"].get(key, "")]
     if r["variants"]:
         yield []
@@ -841,41 +1030,84 @@ def report_rows(campaign: Campaign, r: dict):
                 "yes" if v["winner"] else "",
             ]
     yield []
-    yield ["hour", "opens", "clicks"]
+    yield ["bucket", r["bucket"].label]
+    yield ["start", "opens", "clicks"]
     for point in r["timeline"]:
-        yield [point["hour"].isoformat(), point["opens"], point["clicks"]]
+        yield [point["start"].isoformat(), point["opens"], point["clicks"]]
     yield []
     yield ["link", "unique clicks"]
     for link in r["top_links"]:
         yield [safe(link["link__url"]), link["clicks"]]
 
 
-def chart(timeline: list[dict], width: int = 640, height: int = 180) -> dict:
-    """Bar geometry for an inline SVG of opens and clicks per hour (no scripts, no CDN)."""
+def _nice_top(value: int) -> int:
+    """The smallest 1, 2 or 5 × 10ⁿ at or above ``value`` (at least 4), for even ticks."""
+    step = 1
+    while True:
+        for factor in (1, 2, 5):
+            if step * factor >= max(value, 4):
+                return step * factor
+        step *= 10
+
+
+def chart(
+    timeline: list[dict], bucket: reports.Bucket, width: int = 720, height: int = 260
+) -> dict:
+    """Geometry of the inline SVG of opens and clicks per bucket (no scripts, no CDN):
+    bars, a y axis with even ticks, time labels on the x axis, axis titles and a legend."""
+    left, right, top, bottom = 52, 12, 30, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    base = {
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "right_x": width - right,
+        "bottom_y": top + plot_h,
+        "bucket": bucket.label,
+        "timezone": timezone.get_current_timezone_name(),
+    }
     if not timeline:
-        return {"bars": [], "width": width, "height": height, "max": 0, "labels": []}
-    top = max(max(p["opens"], p["clicks"]) for p in timeline) or 1
-    slot = width / len(timeline)
-    bar = max(1.0, slot / 2 - 1)
+        return {**base, "bars": [], "max": 0, "labels": [], "ticks": []}
+    peak = max(max(p["opens"], p["clicks"]) for p in timeline)
+    scale = _nice_top(peak)
+    slot = plot_w / len(timeline)
+    bar = max(1.0, slot * 0.8 / 2)
     bars, labels = [], []
-    plot = height - 20
+    one_day = timeline[0]["start"].date() == timeline[-1]["start"].date()
+    if bucket.seconds >= 86400:
+        fmt = "%d %b"
+    elif one_day:
+        fmt = "%H:%M"
+    else:
+        fmt = "%d %b %H:%M"
+    # Time labels as many as fit side by side (about 6 px a character at 10 px), each
+    # centred on its bar and left out where it would run past the chart's edge.
+    label_w = len(timeline[0]["start"].strftime(fmt)) * 6 + 12
+    every = max(1, -(-len(timeline) * label_w // plot_w))
     for i, point in enumerate(timeline):
+        x = left + i * slot + slot * 0.1
         for j, key in enumerate(("opens", "clicks")):
-            h = plot * point[key] / top
+            h = plot_h * point[key] / scale
             bars.append(
                 {
-                    "x": round(i * slot + j * bar, 1),
-                    "y": round(plot - h, 1),
+                    "x": round(x + j * bar, 1),
+                    "y": round(top + plot_h - h, 1),
                     "w": round(bar, 1),
                     "h": round(h, 1),
                     "kind": key,
                     "value": point[key],
-                    "hour": point["hour"],
+                    "start": point["start"],
                 }
             )
-        if len(timeline) <= 12 or i % max(1, len(timeline) // 12) == 0:
-            labels.append({"x": round(i * slot, 1), "text": point["hour"].strftime("%d %H:00")})
-    return {"bars": bars, "width": width, "height": height, "max": top, "labels": labels}
+        centre = left + (i + 0.5) * slot
+        if i % every == 0 and label_w / 2 <= centre <= width - label_w / 2:
+            labels.append({"x": round(centre, 1), "text": point["start"].strftime(fmt)})
+    ticks = [
+        {"y": round(top + plot_h - plot_h * k / 4, 1), "value": f"{scale * k // 4:,}"}
+        for k in range(5)
+    ]
+    return {**base, "bars": bars, "max": peak, "labels": labels, "ticks": ticks}
 
 
 class SuppressionImportForm(forms.Form):
@@ -968,7 +1200,7 @@ class SuppressionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("timestamp", "event_type", "recipient", "bounce", "automated", "message")
     list_filter = (
         "event_type",
@@ -993,7 +1225,7 @@ class EventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Link)
-class LinkAdmin(admin.ModelAdmin):
+class LinkAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("id", "url", "created_at")
     search_fields = ("url",)
     readonly_fields = ("url", "url_hash", "created_at")
@@ -1048,7 +1280,7 @@ class QueueThrottleAdmin(admin.ModelAdmin):
 
 
 @admin.register(ReputationPause)
-class ReputationPauseAdmin(admin.ModelAdmin):
+class ReputationPauseAdmin(ReadOnlyRecord, admin.ModelAdmin):
     list_display = ("created_at", "active", "reason", "lifted_at", "lifted_by")
     list_filter = ("active",)
     readonly_fields = ("reason", "rates", "created_at", "active", "lifted_at", "lifted_by")

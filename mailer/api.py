@@ -279,13 +279,14 @@ def unsuppress(email: str, *, marketing_only: bool | None = None) -> int:
     return lift_suppressions(email, scope=scope)
 
 
-def import_contacts(stream: BinaryIO, *, source: str) -> ContactImportReport:
+def import_contacts(stream: BinaryIO, *, source: str, dry_run: bool = False) -> ContactImportReport:
     """Import contacts from a CSV byte stream (see the README for the columns).
 
     Raises ImportFileError, importing nothing, when the file cannot be read; bad rows are
-    listed in the returned report's ``rejected`` by line number.
+    listed in the returned report's ``rejected`` by line number, and what each accepted
+    row did to which contact in ``details``. ``dry_run``: the same report, nothing stored.
     """
-    return import_csv(stream, source=source)
+    return import_csv(stream, source=source, dry_run=dry_run)
 
 
 #: Deeper context is refused: nobody writes it, and it would exhaust the stack.

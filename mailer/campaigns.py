@@ -99,6 +99,19 @@ def check_ready(campaign: Campaign) -> int:
     return size
 
 
+def estimated_audience(campaign: Campaign) -> int | None:
+    """How many contacts the campaign would reach now (None without a segment): what a
+    draft shows, and what "Send now" asks a person to confirm. One COUNT."""
+    if not campaign.segments.exists():
+        return None
+    return segments.audience(campaign).count()
+
+
+def unsent(campaign: Campaign) -> int:
+    """Messages of the campaign still waiting to go: what a cancel would stop."""
+    return Message.objects.filter(campaign=campaign, status__in=MessageStatus.waiting()).count()
+
+
 def schedule(campaign: Campaign, send_at: datetime, *, by=None) -> Campaign:
     if timezone.is_naive(send_at):
         raise CampaignError("Give the send time with its time zone.", field="send_at")
@@ -217,10 +230,16 @@ def duplicate(campaign: Campaign, *, by=None) -> Campaign:
 
 
 def send_test(campaign: Campaign, to: str, *, by=None) -> list[Message]:
-    """Send each variant (or the template) to one address now, outside the campaign's
-    numbers; the subject says TEST."""
+    """Send one address what the campaign's recipients will get, now, outside its numbers:
+    each A/B variant (or the template alone, as without a test), from the campaign's
+    sender with its Reply-To (compose reads them from ``test_of_campaign``); the subject
+    says TEST."""
     address = clean_address(to)
-    variants = list(campaign.variants.all()) or [None]
+    variants = list(campaign.variants.all())
+    # The launch's rule: variants are sent only in an A/B test, else everyone gets the
+    # campaign's own template and subject.
+    if not (campaign.test_share and len(variants) >= 2):
+        variants = [None]
     contact = Contact.objects.filter(email=address).first()
     created = []
     for variant in variants:
@@ -376,18 +395,30 @@ def _columns(campaign: Campaign, variants: list[Variant], phase: str, seed: int)
     )
 
 
-def finish_campaigns(now: datetime | None = None) -> int:
-    """Mark campaigns whose messages have all left as sent (or the test as done)."""
+def finish_campaigns(now: datetime | None = None, *, ids: list[int] | None = None) -> int:
+    """Mark campaigns whose messages have all left as sent (or the test as done).
+
+    Workers call it (``ids``) when a batch handled a campaign's last email; beat's
+    housekeeping calls it for every running campaign, in case such a call was lost.
+    """
     now = now or timezone.now()
     finished = 0
     pending = Message.objects.filter(status__in=MessageStatus.waiting())
-    for campaign in Campaign.objects.running():
+    running = Campaign.objects.running()
+    if ids is not None:
+        running = running.filter(pk__in=ids)
+    for campaign in running:
         if pending.filter(campaign=campaign).exists():
             continue
-        if campaign.status == S.SENDING:
-            transition(campaign, S.SENT, note="every message handled", finished_at=now)
-        else:
-            transition(campaign, S.WAITING, note="test sent; waiting for the test window to end")
+        try:
+            if campaign.status == S.SENDING:
+                transition(campaign, S.SENT, note="every message handled", finished_at=now)
+            else:
+                transition(
+                    campaign, S.WAITING, note="test sent; waiting for the test window to end"
+                )
+        except CampaignError:
+            continue  # another worker (or a person) moved it a moment ago
         finished += 1
     return finished
 

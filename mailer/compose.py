@@ -23,7 +23,7 @@ from django.urls import reverse
 from . import conf, rendering, tokens
 from .exceptions import PermanentSendError, SendError, TemplateError, TemplateNotFound
 from .mime import PreparedEmail
-from .models import Kind, Link, Message
+from .models import Campaign, Kind, Link, Message
 
 # Each its own salt: no kind of token can act as another.
 UNSUBSCRIBE_SALT = "mailer.unsubscribe"
@@ -257,6 +257,24 @@ class Templates:
         return hit
 
 
+def sending_campaign(message: Message) -> Campaign | None:
+    """The campaign whose sender and Reply-To the email carries: its own, or for a test
+    email the campaign it tests, so the test shows exactly what the recipients will get.
+
+    ``outbox.claim`` attaches the tested campaign to the batch (``tested_campaign``);
+    a message built outside a batch reads it here.
+    """
+    if message.campaign_id is not None:
+        return message.campaign
+    metadata = message.metadata if isinstance(message.metadata, dict) else {}
+    tested = metadata.get("test_of_campaign") if metadata.get("test") else None
+    if not isinstance(tested, int):
+        return None
+    if "tested_campaign" not in message.__dict__:
+        message.tested_campaign = Campaign.objects.filter(pk=tested).first()
+    return message.tested_campaign
+
+
 def build_email(
     message: Message,
     compiled: rendering.Compiled,
@@ -292,7 +310,7 @@ def build_email(
     name = (message.contact.name if message.contact else "").replace("\r", " ").replace("\n", " ")
     header_id = message_id_header(message)
     subject, from_email, reply_to = rendered.subject, conf.from_email(), []
-    campaign, variant = message.campaign, message.variant
+    campaign, variant = sending_campaign(message), message.variant
     if variant is not None and variant.subject:
         subject = rendering.subject_template(variant.subject).render_subject(context)
     if campaign is not None or variant is not None:

@@ -400,6 +400,7 @@ TASK_QUEUES = {
     "mailer.tasks.launch_campaign": "campaign",
     "mailer.tasks.launch_due_campaigns": "campaign",
     "mailer.tasks.campaign_housekeeping": "campaign",
+    "mailer.tasks.finish_campaigns": "campaign",
     "mailer.tasks.reputation_guard": "campaign",
     "mailer.tasks.password_reset": "transactional",
     "mailer.tasks.release_due_messages": PER_QUEUE,

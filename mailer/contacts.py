@@ -83,6 +83,35 @@ EXPORT_COLUMNS = (
 )
 
 
+#: Row details a report keeps (the counts cover every row): a file of a million rows
+#: still imports in flat memory.
+DETAIL_LIMIT = 1000
+#: Fields whose changes a row reports ("consent_source" follows "consent").
+REPORTED_FIELDS = ("name", "language", "timezone", "consent")
+
+
+@dataclass
+class Change:
+    """One field a row changed: its value before, after, and the earlier row of the same
+    file that had set the value it overwrote (None: it was stored before the import)."""
+
+    field: str
+    before: str
+    after: str
+    overwrites_line: int | None = None
+
+
+@dataclass
+class RowOutcome:
+    """What one accepted row did to its contact: created it, updated it, or nothing."""
+
+    line: int
+    email: str
+    action: str  # "created", "updated" or "unchanged"
+    changes: list[Change] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ContactImportReport:
     rows: int = 0
@@ -90,18 +119,37 @@ class ContactImportReport:
     updated: int = 0
     duplicates: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    #: Row by row, in file order, up to DETAIL_LIMIT rows; ``details_left_out`` more.
+    details: list[RowOutcome] = field(default_factory=list)
+    details_left_out: int = 0
+    dry_run: bool = False
+
+    def note(self, outcome: RowOutcome) -> None:
+        if len(self.details) < DETAIL_LIMIT:
+            self.details.append(outcome)
+        else:
+            self.details_left_out += 1
+
+    @property
+    def overwrites(self) -> list[RowOutcome]:
+        """Rows that overwrote a value an earlier row of the same file had set."""
+        return [d for d in self.details if any(c.overwrites_line for c in d.changes)]
 
 
-def import_csv(stream: BinaryIO, *, source: str, batch_size: int = 2000) -> ContactImportReport:
+def import_csv(
+    stream: BinaryIO, *, source: str, batch_size: int = 2000, dry_run: bool = False
+) -> ContactImportReport:
     """Import contacts from a CSV stream with bulk upserts, in one transaction.
 
     Rows stream through in batches (flat memory). Emails are de-duplicated
     case-insensitively; unknown columns become attributes; ``tags`` is ;-separated;
     ``consent`` takes granted/withdrawn/yes/no. Bad rows are reported by line and
     skipped; a file that cannot be read (not UTF-8, no email column, broken CSV) raises
-    ImportFileError and leaves nothing behind.
+    ImportFileError and leaves nothing behind. The report says what each row did to
+    which contact, and which later row overwrote what an earlier one set. ``dry_run``
+    does all of it and rolls it back: the same report, nothing imported.
     """
-    report = ContactImportReport()
+    report = ContactImportReport(dry_run=dry_run)
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     try:
         with transaction.atomic():
@@ -112,7 +160,10 @@ def import_csv(stream: BinaryIO, *, source: str, batch_size: int = 2000) -> Cont
             if any(unsafe_character(c) for c in columns):
                 raise ImportFileError("The header row contains a control character.")
             reader.fieldnames = columns
-            batch: dict[str, dict] = {}
+            # Rows of one batch by address, in file order; a later row of the same address
+            # is applied after the earlier one, so each reports what it changed.
+            batch: dict[str, list[tuple[int, dict]]] = {}
+            held = 0
             for line, row in enumerate(reader, start=2):
                 report.rows += 1
                 parsed = _parse_row(row, columns, source)
@@ -121,14 +172,15 @@ def import_csv(stream: BinaryIO, *, source: str, batch_size: int = 2000) -> Cont
                     continue
                 if parsed["email"] in batch:
                     report.duplicates += 1
-                    _merge(batch[parsed["email"]], parsed)
-                    continue
-                batch[parsed["email"]] = parsed
-                if len(batch) >= batch_size:
+                batch.setdefault(parsed["email"], []).append((line, parsed))
+                held += 1
+                if held >= batch_size:
                     _upsert(batch, report)
-                    batch = {}
+                    batch, held = {}, 0
             if batch:
                 _upsert(batch, report)
+            if dry_run:
+                transaction.set_rollback(True)
     except UnicodeDecodeError as exc:
         raise ImportFileError(
             f"The file is not UTF-8 text ({exc.reason} at byte {exc.start})."
@@ -176,31 +228,54 @@ def _parse_row(row: dict, columns: list[str], source: str) -> dict | str:
     return parsed
 
 
-def _merge(into: dict, later: dict) -> None:
-    """A later row for the same address fills in and overrides the earlier one."""
-    for key, value in later.items():
-        if key == "attributes":
-            into["attributes"].update(value)
-        elif key == "tags":
-            into["tags"] |= value
-        else:
-            into[key] = value
+def _apply(contact: Contact, line: int, data: dict, set_by: dict[str, int], now) -> list[Change]:
+    """Apply one row to its contact; what it changed, naming an earlier row it overwrote."""
+    changes = []
+    for key in REPORTED_FIELDS:
+        if key in data:
+            before = getattr(contact, key) or ""
+            if before != data[key]:
+                changes.append(Change(key, str(before), str(data[key]), set_by.get(key)))
+            setattr(contact, key, data[key])
+            set_by[key] = line
+    if "consent" in data:
+        contact.consent_source = data["consent_source"]
+        contact.consent_at = now
+    attributes = dict(contact.attributes or {})
+    for key, value in data["attributes"].items():
+        before = attributes.get(key)
+        if before != value:
+            changes.append(
+                Change(
+                    f"attributes.{key}",
+                    "" if before is None else str(before),
+                    str(value),
+                    set_by.get(f"attributes.{key}"),
+                )
+            )
+        attributes[key] = value
+        set_by[f"attributes.{key}"] = line
+    contact.attributes = attributes
+    return changes
 
 
-def _upsert(batch: dict[str, dict], report: ContactImportReport) -> None:
+def _upsert(batch: dict[str, list[tuple[int, dict]]], report: ContactImportReport) -> None:
     now = timezone.now()
     existing = {c.email: c for c in Contact.objects.filter(email__in=list(batch))}
     new, changed = [], []
-    for email, data in batch.items():
+    outcomes: list[RowOutcome] = []
+    for email, rows in batch.items():
         contact = existing.get(email) or Contact(email=email, created_at=now)
-        for key in ("name", "language", "timezone", "consent", "consent_source"):
-            if key in data:
-                setattr(contact, key, data[key])
-        if "consent" in data:
-            contact.consent_at = now
-        contact.attributes = {**(contact.attributes or {}), **data["attributes"]}
+        created = contact.pk is None
+        set_by: dict[str, int] = {}
+        for index, (line, data) in enumerate(rows):
+            changes = _apply(contact, line, data, set_by, now)
+            action = "created" if created and index == 0 else "updated" if changes else "unchanged"
+            outcomes.append(RowOutcome(line, email, action, changes, sorted(data["tags"])))
         contact.updated_at = now
-        (changed if contact.pk else new).append(contact)
+        (new if created else changed).append(contact)
+    for outcome in sorted(outcomes, key=lambda o: o.line):
+        report.note(outcome)
     Contact.objects.bulk_create(new, batch_size=1000)
     Contact.objects.bulk_update(
         changed,
@@ -218,7 +293,7 @@ def _upsert(batch: dict[str, dict], report: ContactImportReport) -> None:
     )
     report.created += len(new)
     report.updated += len(changed)
-    tag_names = set().union(*(d["tags"] for d in batch.values()))
+    tag_names = set().union(*(d["tags"] for rows in batch.values() for _, d in rows))
     if tag_names:
         Tag.objects.bulk_create([Tag(name=n[:100]) for n in tag_names], ignore_conflicts=True)
         tags = dict(Tag.objects.filter(name__in=tag_names).values_list("name", "pk"))
@@ -227,8 +302,8 @@ def _upsert(batch: dict[str, dict], report: ContactImportReport) -> None:
         Through.objects.bulk_create(
             [
                 Through(contact_id=ids[e], tag_id=tags[t])
-                for e, d in batch.items()
-                for t in d["tags"]
+                for e, rows in batch.items()
+                for t in set().union(*(d["tags"] for _, d in rows))
             ],
             ignore_conflicts=True,
             batch_size=2000,

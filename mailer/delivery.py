@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: statement also refuses a stopped campaign's email, so this only saves work).
 STATE_CHECK_SECONDS = 1.0
 
+#: Marks campaigns whose last email a batch handled as sent (``campaigns.finish_campaigns``).
+FINISH_TASK = "mailer.tasks.finish_campaigns"
+
 #: A stop request counts this long; a pool child signalled alone then carries on.
 STOP_VALID_SECONDS = 60.0
 
@@ -592,6 +595,11 @@ def send_batch(
             )
     for countdown in sorted(result.countdowns):
         dispatch.kick(queue, countdown=countdown)
+    # The batch is written: if it held the last emails of a campaign, mark it sent now
+    # rather than at the next housekeeping (a task, since campaigns sit above delivery).
+    done = db(outbox.campaigns_done, {m.campaign_id for m in messages} - {None})
+    if done:
+        dispatch.enqueue(FINISH_TASK, args=(done,))
     counters.add(_figures(queue, len(messages), result, run.batch.sent))
     if result.sent or result.failed or result.retried:
         logger.info(

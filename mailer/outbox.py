@@ -22,7 +22,17 @@ from functools import cache
 
 import psycopg
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When, prefetch_related_objects
+from django.db.models import (
+    Case,
+    Exists,
+    F,
+    OuterRef,
+    Q,
+    Subquery,
+    Value,
+    When,
+    prefetch_related_objects,
+)
 from django.utils import timezone
 
 from . import conf, dispatch, notify, quota
@@ -249,7 +259,24 @@ def claim(queue: str, size: int, token: uuid.UUID) -> list[Message]:
         claimed = _claim_portable(queue, size, token, now)
     # Composing reads these for every email: one query each per batch, not per email.
     prefetch_related_objects(claimed, "contact", "campaign", "variant")
+    attach_tested_campaigns(claimed)
     return claimed
+
+
+def attach_tested_campaigns(messages: list[Message]) -> None:
+    """Give each test email (a campaign's "Send a test") the campaign it tests, whose
+    sender and Reply-To it carries, as ``tested_campaign``: one query, only when a batch
+    holds such an email. Its ``campaign`` stays empty: it is not one of the recipients."""
+    tests = {
+        m: m.metadata["test_of_campaign"]
+        for m in messages
+        if m.campaign_id is None and isinstance(m.metadata, dict) and m.metadata.get("test")
+    }
+    if not tests:
+        return
+    found = Campaign.objects.in_bulk({pk for pk in tests.values() if isinstance(pk, int)})
+    for message, pk in tests.items():
+        message.tested_campaign = found.get(pk)
 
 
 def _claim_portable(queue: Queue, size: int, token: uuid.UUID, now: datetime) -> list[Message]:
@@ -288,6 +315,19 @@ def stopped_campaigns(campaign_ids: set[int]) -> set[int]:
         return set(campaign_ids)
     running = Campaign.objects.filter(pk__in=campaign_ids, status__in=CampaignStatus.running())
     return set(campaign_ids) - set(running.values_list("pk", flat=True))
+
+
+def campaigns_done(campaign_ids: set[int]) -> list[int]:
+    """Which of these running campaigns have no message left waiting to be sent.
+
+    A worker asks at the end of each batch, after writing it, so the campaign's status
+    follows within seconds: one indexed NOT EXISTS on (campaign, status) per campaign.
+    """
+    if not campaign_ids:
+        return []
+    waiting = Message.objects.filter(campaign_id=OuterRef("pk"), status__in=S.waiting())
+    done = Campaign.objects.filter(pk__in=campaign_ids, status__in=CampaignStatus.running())
+    return sorted(done.filter(~Exists(waiting)).values_list("pk", flat=True))
 
 
 # --- Trying, one email at a time --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from functools import reduce
 from operator import and_, or_
@@ -232,6 +233,46 @@ def _base(within: tuple[int, int] | None) -> QuerySet:
 
 def count(segment: Segment) -> int:
     return contacts(segment).count()
+
+
+def check_no_cycle(
+    segment: Segment, *, include: Iterable[Segment] = (), exclude: Iterable[Segment] = ()
+) -> None:
+    """Refuse includes and excludes that lead back to ``segment``, directly or through
+    other segments: its query would be built from itself, so it could never be evaluated.
+
+    ``include`` and ``exclude`` are the segment's new references (not yet saved); the
+    rest of the graph is read level by level, two small queries per level.
+    """
+    start = {s.pk: s.name for s in (*include, *exclude)}
+    if segment.pk is None:
+        return  # a new segment: nothing refers to it yet
+    names = {segment.pk: segment.name, **start}
+    parent: dict[int, int] = {pk: segment.pk for pk in start}
+    frontier = set(start)
+    while frontier:
+        if segment.pk in frontier:
+            path, pk = [segment.pk], parent[segment.pk]
+            while pk != segment.pk:
+                path.append(pk)
+                pk = parent[pk]
+            path.append(segment.pk)
+            chain = " → ".join(names.get(pk, f"#{pk}") for pk in reversed(path))
+            raise SegmentError(
+                f"A segment cannot include or exclude itself, directly or through others: {chain}.",
+                field="include_segments",
+            )
+        edges = []
+        for through in (Segment.include_segments.through, Segment.exclude_segments.through):
+            edges += through.objects.filter(from_segment_id__in=frontier).values_list(
+                "from_segment_id", "to_segment_id", "to_segment__name"
+            )
+        frontier = set()
+        for source, target, name in edges:
+            names[target] = name
+            if target not in parent:
+                parent[target] = source
+                frontier.add(target)
 
 
 def audience(

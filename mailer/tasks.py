@@ -53,6 +53,12 @@ def campaign_housekeeping() -> dict:
     return {"winners": abtest.pick_due_winners(), "finished": campaigns.finish_campaigns()}
 
 
+@shared_task(name="mailer.tasks.finish_campaigns", **_RELIABLE)
+def finish_campaigns(campaign_ids: list[int]) -> int:
+    """A worker handled the last email of these campaigns: mark them sent now."""
+    return campaigns.finish_campaigns(ids=campaign_ids)
+
+
 @shared_task(name="mailer.tasks.reputation_guard", **_RELIABLE)
 def reputation_guard() -> bool:
     """Beat: pause marketing when bounce or complaint rates pass the thresholds."""

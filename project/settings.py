@@ -32,6 +32,7 @@ SECURE_PROXY_SSL_HEADER = (
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=not DEBUG)
 
 INSTALLED_APPS = [
+    "mailer",  # before django.contrib.admin: its admin index groups mailer's models
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -40,7 +41,6 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "anymail",
     "django_celery_beat",
-    "mailer",
     "project",
     # mailer's HTTP API (mailer.http_api): Django REST framework and its OpenAPI schema
     "rest_framework",

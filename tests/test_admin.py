@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from mailer import outbox
-from mailer.models import Kind, Message, MessageStatus, Suppression, Template
+from mailer.models import Campaign, Kind, Message, MessageStatus, Suppression, Template, Variant
 from tests.factories import MessageFactory, TemplateFactory
 
 pytestmark = pytest.mark.django_db
@@ -270,3 +270,68 @@ def test_a_campaign_with_mail_on_the_way_cannot_be_deleted_until_cancelled(admin
     )
     assert gone.status_code == 302
     assert not Campaign.objects.filter(pk=campaign.pk).exists()
+
+
+# --- Layout for a marketer --------------------------------------------------------------
+
+
+def test_admin_index_groups_mailers_models_for_a_marketer_apart_from_the_plumbing(admin_client):
+    response = admin_client.get(reverse("admin:index"))
+
+    page = response.content.decode()
+    groups = [
+        ("campaigns", ["campaign"]),
+        ("audience", ["contact", "segment", "tag", "suppression"]),
+        ("content", ["template"]),
+        ("outbox", ["message", "event", "link"]),
+        ("sending-operations", ["queuethrottle", "reputationpause", "warmupschedule", "apikey"]),
+    ]
+    starts = []
+    for slug, models in groups:
+        start = page.index(f"mailer-group-{slug} ")
+        block = page[start : page.index("</table>", start)]
+        for model in models:
+            assert f'class="model-{model}' in block, (slug, model)
+        starts.append(start)
+    assert starts == sorted(starts)  # campaigns first, operations last of mailer's
+    auth = page.index("app-auth ")
+    plumbing = page.index("mailer-group-periodic-tasks-scheduling-plumbing")
+    assert starts[-1] < auth < plumbing  # the periodic tasks come last
+    assert page.count('class="model-campaign') == 1  # each model once
+
+
+def test_message_page_is_read_only_without_save_buttons(admin_client):
+    message = MessageFactory(to_email="ada@example.com")
+
+    page = admin_client.get(reverse("admin:mailer_message_change", args=[message.pk]))
+
+    content = page.content.decode()
+    assert page.status_code == 200
+    for button in ("_save", "_continue", "_addanother"):
+        assert f'name="{button}"' not in content
+
+
+def test_previews_are_shown_at_email_width(admin_client):
+    message = MessageFactory(to_email="ada@example.com")
+    template = TemplateFactory(slug="news")
+
+    for url in (
+        reverse("admin:mailer_message_change", args=[message.pk]),
+        reverse("admin:mailer_template_change", args=[template.pk]),
+    ):
+        content = admin_client.get(url).content.decode()
+        assert 'class="mailer-preview-frame"' in content
+        assert "width:680px" in content  # an email's 600 px and a scrollbar, never squeezed
+
+
+def test_message_preview_shows_the_subject_of_its_ab_variant(admin_client):
+    template = TemplateFactory(slug="news", subject="The template's subject")
+    campaign = Campaign.objects.create(name="Spring", template=template)
+    variant = Variant.objects.create(campaign=campaign, label="B", subject="Variant B speaks")
+    message = MessageFactory(template=template, template_slug="news", variant=variant)
+
+    content = admin_client.get(
+        reverse("admin:mailer_message_change", args=[message.pk])
+    ).content.decode()
+
+    assert "<strong>Subject:</strong> Variant B speaks" in content

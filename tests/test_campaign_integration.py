@@ -138,7 +138,15 @@ def test_campaign_reaches_every_eligible_contact_exactly_once_and_a_relaunch_sen
             lambda: _statuses(campaign) == {MessageStatus.SENT: len(audience.eligible)},
             message=f"messages not all recorded as sent: {_statuses(campaign)}",
         )
+        # No beat, no housekeeping: the worker that handled the last email marks it sent.
+        wait_for(
+            lambda: Campaign.objects.get(pk=campaign.pk).status == CampaignStatus.SENT,
+            timeout=10,
+            message=f"the campaign did not become sent:\n{worker.log()}",
+        )
         campaign.refresh_from_db()
+        assert campaign.finished_at is not None
+        assert campaign.transitions.last().note == "every message handled"
         assert campaign.recipients == len(audience.eligible)
         assert _launches_done(worker) == 1
 
@@ -167,12 +175,7 @@ def test_campaign_reaches_every_eligible_contact_exactly_once_and_a_relaunch_sen
         assert len(marketing.messages) == len(audience.eligible)
         assert Message.objects.filter(campaign=campaign).count() == len(audience.eligible)
         assert _statuses(campaign) == {MessageStatus.SENT: len(audience.eligible)}
-
-        # Beat's housekeeping (called here, no beat runs) marks the finished campaign sent.
-        campaigns.finish_campaigns()
-        campaign.refresh_from_db()
-        assert campaign.status == CampaignStatus.SENT
-        assert campaign.finished_at is not None
+        assert Campaign.objects.get(pk=campaign.pk).status == CampaignStatus.SENT
     finally:
         worker.stop()
 
@@ -228,6 +231,11 @@ def test_pausing_a_campaign_stops_sending_within_seconds_and_resuming_finishes_w
         wait_for(
             lambda: _statuses(campaign) == {MessageStatus.SENT: total},
             message=f"messages not all recorded as sent: {_statuses(campaign)}",
+        )
+        wait_for(
+            lambda: Campaign.objects.get(pk=campaign.pk).status == CampaignStatus.SENT,
+            timeout=10,
+            message=f"the resumed campaign did not become sent:\n{worker.log()}",
         )
         time.sleep(2)  # give a duplicate every chance to arrive
         received = _recipients(marketing)

@@ -9,6 +9,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from mailer import abtest, api, campaigns, compose, delivery, outbox, reports, reputation, segments
+from mailer import admin as admin_module
 from mailer.exceptions import CampaignError
 from mailer.models import (
     Campaign,
@@ -507,6 +509,85 @@ def test_a_contact_suppressed_after_launch_is_not_mailed(smtp, audience):
     )
 
 
+# --- The campaign's status follows its last email ----------------------------------------
+
+
+@contextmanager
+def tasks_here():
+    """Celery runs each task in this process as it is sent, as a worker would."""
+    from celery import current_app
+
+    import mailer.tasks  # noqa: F401 - registers the tasks, as a worker does
+
+    conf = current_app.conf
+    before = conf.task_always_eager, conf.task_eager_propagates
+    conf.task_always_eager = conf.task_eager_propagates = True
+    try:
+        yield
+    finally:
+        conf.task_always_eager, conf.task_eager_propagates = before
+
+
+def test_the_batch_that_handles_the_last_email_marks_the_campaign_sent(smtp, audience):
+    campaign = launched(audience)  # three recipients
+
+    with tasks_here():
+        assert send_some(2) == 2
+        assert Campaign.objects.get(pk=campaign.pk).status == S.SENDING  # one still to go
+
+        assert send_some(5) == 1  # no housekeeping runs here
+
+    campaign.refresh_from_db()
+    assert campaign.status == S.SENT
+    assert campaign.finished_at is not None
+    assert campaign.transitions.last().note == "every message handled"
+
+
+def test_a_campaign_whose_last_email_is_suppressed_at_send_is_sent_too(smtp, audience):
+    campaign = launched(audience)
+    send_some(2)
+    last = Message.objects.get(campaign=campaign, status=MessageStatus.QUEUED)
+    Suppression.objects.create(email=last.to_email, scope=Suppression.Scope.MARKETING)
+
+    with tasks_here():
+        assert send_some(5) == 0
+
+    assert Message.objects.get(pk=last.pk).status == MessageStatus.SUPPRESSED
+    assert Campaign.objects.get(pk=campaign.pk).status == S.SENT
+
+
+def test_campaigns_done_is_one_query_and_names_only_running_campaigns_with_nothing_waiting(
+    smtp, newsletter, everyone, django_assert_num_queries
+):
+    add_contacts(2)
+    finished = launched(make_campaign(newsletter, everyone, name="finished"))
+    Message.objects.filter(campaign=finished).update(status=MessageStatus.SENT)
+    waiting = launched(make_campaign(newsletter, everyone, name="waiting"))
+    Message.objects.filter(campaign=waiting).update(status=MessageStatus.SENT)
+    Message.objects.filter(campaign=waiting).filter(
+        pk=Message.objects.filter(campaign=waiting).order_by("pk").values("pk")[:1]
+    ).update(status=MessageStatus.SENDING)
+    paused = launched(make_campaign(newsletter, everyone, name="paused"))
+    Message.objects.filter(campaign=paused).update(status=MessageStatus.CANCELLED)
+    campaigns.pause(paused)
+
+    with django_assert_num_queries(1):
+        done = outbox.campaigns_done({finished.pk, waiting.pk, paused.pk})
+
+    assert done == [finished.pk]
+    assert outbox.campaigns_done(set()) == []
+
+
+def test_finishing_twice_is_harmless(smtp, audience):
+    campaign = launched(audience)
+    delivery.drain(Kind.CAMPAIGN)
+
+    assert campaigns.finish_campaigns(ids=[campaign.pk]) == 1
+    assert campaigns.finish_campaigns(ids=[campaign.pk]) == 0
+    assert campaigns.finish_campaigns() == 0
+    assert Campaign.objects.get(pk=campaign.pk).status == S.SENT
+
+
 # --- Pause, resume, cancel ---------------------------------------------------------------
 
 
@@ -667,6 +748,78 @@ def test_send_test_without_variants_sends_the_template_once(smtp, newsletter, ev
 
     (received,) = smtp.to("tester@example.com")
     assert received.parsed()["Subject"] == "[TEST] News for"
+
+
+def _headers(email) -> tuple:
+    sender = email["From"].addresses[0]
+    return (
+        email["Subject"].removeprefix("[TEST] "),
+        sender.display_name,
+        sender.addr_spec,
+        email["Reply-To"],
+        bool(email["List-Unsubscribe"]),
+    )
+
+
+def test_send_test_carries_the_campaigns_sender_reply_to_and_variant_as_the_real_send(
+    smtp, newsletter, everyone
+):
+    add_contacts(40)
+    campaign = make_campaign(
+        newsletter,
+        everyone,
+        test_share=50,
+        variants=[("A", "Alpha"), ("B", "Beta")],
+        from_name="Spring Team",
+        from_email="team@mailer.test",
+        reply_to="replies@mailer.test",
+    )
+    Variant.objects.filter(campaign=campaign, label="B").update(from_name="The B Team")
+
+    campaigns.send_test(campaign, "tester@example.com")
+    assert delivery.drain(Kind.CAMPAIGN) == 2
+    tests = {_headers(m.parsed()) for m in smtp.to("tester@example.com")}
+
+    assert tests == {
+        ("Alpha", "Spring Team", "team@mailer.test", "replies@mailer.test", True),
+        ("Beta", "The B Team", "team@mailer.test", "replies@mailer.test", True),
+    }
+    # The real send's test share gets exactly those headers, variant by variant.
+    launched(campaign)
+    delivery.drain(Kind.CAMPAIGN)
+    real = {_headers(m.parsed()) for m in smtp.messages if "tester@example.com" not in m.rcpt_tos}
+    assert real == tests
+
+
+def test_send_test_of_a_campaign_without_an_ab_test_ignores_its_variants(
+    smtp, newsletter, everyone
+):
+    campaign = make_campaign(
+        newsletter,
+        everyone,
+        variants=[("A", "Alpha"), ("B", "Beta")],
+        from_email="team@mailer.test",
+        reply_to="replies@mailer.test",
+    )
+
+    (message,) = campaigns.send_test(campaign, "tester@example.com")
+    delivery.drain(Kind.CAMPAIGN)
+
+    assert message.variant is None
+    (received,) = smtp.to("tester@example.com")
+    email = received.parsed()
+    assert email["Subject"] == "[TEST] News for"  # the template's, as the launch sends
+    assert email["From"].addresses[0].addr_spec == "team@mailer.test"
+    assert email["Reply-To"] == "replies@mailer.test"
+
+
+def test_a_test_email_built_outside_a_batch_reads_its_campaign(newsletter, everyone):
+    campaign = make_campaign(newsletter, everyone, from_email="team@mailer.test")
+    (message,) = campaigns.send_test(campaign, "tester@example.com")
+    fresh = Message.objects.get(pk=message.pk)
+
+    assert compose.sending_campaign(fresh) == campaign
+    assert compose.sending_campaign(Message(metadata={"test_of_campaign": "x", "test": 1})) is None
 
 
 def test_send_test_needs_a_template(everyone):
@@ -981,15 +1134,120 @@ def test_report_figures_equal_counts_from_messages_and_events(mixed):
     assert report["variants"] == []
 
 
-def test_report_timeline_buckets_human_opens_and_clicks_by_hour(mixed):
-    campaign, hour = mixed
+def test_report_timeline_counts_human_opens_and_clicks_per_bucket_without_gaps(mixed):
+    campaign, hour = mixed  # people opened and clicked from +0:05 to +2:12: 5-minute bars
 
-    timeline = reports.report(campaign)["timeline"]
+    report = reports.report(campaign)
+    timeline = report["timeline"]
 
-    assert timeline == [
-        {"hour": hour, "opens": 2, "clicks": 2},
-        {"hour": hour + timedelta(hours=2), "opens": 1, "clicks": 2},
+    assert report["bucket"].label == "5 minutes"
+    assert [p["start"] for p in timeline] == [
+        hour + timedelta(minutes=5 * n) for n in range(1, 27)
+    ]  # every bucket from the first to the last, empty ones included
+    busy = {
+        p["start"] - hour: (p["opens"], p["clicks"]) for p in timeline if p["opens"] or p["clicks"]
+    }
+    assert busy == {
+        timedelta(minutes=5): (1, 0),
+        timedelta(minutes=40): (1, 2),
+        timedelta(hours=2, minutes=10): (1, 2),
+    }  # the scanners' open and click at +0:01 are left out
+
+
+def _clicks_at(campaign: Campaign, *offsets: timedelta) -> None:
+    messages = list(Message.objects.filter(campaign=campaign))
+    start = campaign.launched_at
+    for n, offset in enumerate(offsets):
+        event(messages[n % len(messages)], Event.Type.OPENED, at=start + offset)
+
+
+@pytest.mark.parametrize(
+    ("last", "label"),
+    [
+        (timedelta(minutes=30), "minute"),
+        (timedelta(hours=3), "5 minutes"),
+        (timedelta(hours=11), "15 minutes"),
+        (timedelta(hours=30), "hour"),
+        (timedelta(days=5), "3 hours"),
+        (timedelta(days=40), "day"),
+        (timedelta(days=400), "week"),
+    ],
+)
+def test_report_bucket_fits_the_campaigns_span(smtp, newsletter, everyone, last, label):
+    add_contacts(3)
+    campaign = launched(make_campaign(newsletter, everyone))
+    _clicks_at(campaign, timedelta(minutes=1), last)
+
+    report = reports.report(campaign)
+
+    assert report["bucket"].label == label
+    assert 2 <= len(report["timeline"]) <= reports.MAX_BUCKETS + 1 or label == "week"
+    assert sum(p["opens"] for p in report["timeline"]) == 2
+    assert report["timeline"][0]["start"] <= campaign.launched_at
+
+
+@pytest.mark.parametrize(("points", "seconds"), [(1, 60), (12, 300), (49, 3600), (120, 604800)])
+def test_report_chart_has_axes_and_time_labels_that_fit_without_overlapping(points, seconds):
+    start = timezone.now().replace(minute=0, second=0, microsecond=0)
+    size = dict(reports.BUCKET_SIZES)[seconds]
+    bucket = reports.Bucket(seconds, size, start, start)
+    timeline = [
+        {"start": start + timedelta(seconds=seconds * n), "opens": n % 7, "clicks": n % 3}
+        for n in range(points)
     ]
+
+    drawn = admin_module.chart(timeline, bucket)
+
+    assert len(drawn["bars"]) == 2 * points
+    assert [t["value"] for t in drawn["ticks"]][0] == "0"
+    assert drawn["bucket"] == size
+    xs = [label["x"] for label in drawn["labels"]]
+    assert xs, "no time label at all"
+    width = (len(drawn["labels"][0]["text"]) * 6 + 12) / 2
+    assert all(width <= x <= drawn["width"] - width for x in xs)  # inside the chart
+    assert all(b - a >= 2 * width for a, b in zip(xs, xs[1:], strict=False))  # apart
+    assert all(
+        0 <= bar["y"] and bar["y"] + bar["h"] <= drawn["bottom_y"] + 0.1 for bar in drawn["bars"]
+    )
+
+
+def test_report_says_when_smtp_cannot_report_deliveries(smtp, newsletter, everyone, admin_client):
+    add_contacts(3)
+    campaign = launched(make_campaign(newsletter, everyone))
+    delivery.drain(Kind.CAMPAIGN)
+
+    report = reports.report(campaign)
+    page = admin_client.get(reverse("admin:mailer_campaign_change", args=[campaign.pk]))
+    csv_rows = list(
+        csv.reader(
+            io.StringIO(
+                b"".join(
+                    admin_client.get(
+                        reverse("admin:mailer_campaign_report_csv", args=[campaign.pk])
+                    ).streaming_content
+                ).decode()
+            )
+        )
+    )
+
+    assert report["delivery_reported"] is False
+    content = page.content.decode()
+    assert 'data-rate="delivered">not reported<' in content
+    assert 'data-rate="bounced">not reported<' in content
+    assert "Delivery, bounces and complaints are not reported" in content
+    assert 'data-figure="delivered" style="text-align:right">—<' in content  # not a 0
+    assert ["delivered", "", "not reported"] in csv_rows
+
+
+def test_report_shows_delivery_rates_once_a_webhook_reports_them(mixed, admin_client, settings):
+    campaign, _ = mixed
+
+    page = admin_client.get(reverse("admin:mailer_campaign_change", args=[campaign.pk]))
+
+    assert reports.report(campaign)["delivery_reported"] is True
+    content = page.content.decode()
+    assert 'data-figure="delivered" style="text-align:right">8<' in content
+    assert "not reported" not in content
 
 
 def test_report_top_links_are_ordered_by_unique_human_clicks(mixed):
@@ -1016,7 +1274,8 @@ def test_report_csv_is_formula_safe(admin_client, mixed):
     figures = {row[0]: row[1:] for row in rows if len(row) == 3}
     assert figures["opened"] == ["2", str(round(100 * 2 / 9, 2))]
     assert figures["failed"] == ["1", "10.0"]
-    assert [hour.isoformat(), "2", "2"] in rows
+    assert ["bucket", "5 minutes"] in rows
+    assert [(hour + timedelta(minutes=40)).isoformat(), "1", "2"] in rows
     assert ["https://example.com/sale", "2"] in rows
 
 
@@ -1162,8 +1421,10 @@ def test_the_admin_lift_action_lifts_the_pause_but_leaves_campaigns_paused(admin
 # --- Admin --------------------------------------------------------------------------------
 
 
-def do(admin_client, campaign: Campaign, action: str):
-    return admin_client.post(reverse("admin:mailer_campaign_do", args=[campaign.pk, action]))
+def do(admin_client, campaign: Campaign, action: str, *, confirm: bool = True):
+    """Press a campaign button; Send now and Cancel also need their page's confirmation."""
+    data = {"confirm": "yes"} if confirm else {}
+    return admin_client.post(reverse("admin:mailer_campaign_do", args=[campaign.pk, action]), data)
 
 
 def notes(response) -> dict[str, str]:
@@ -1344,6 +1605,115 @@ def test_admin_a_bad_action_shows_an_error(admin_client, draft, action, error):
     assert response.status_code == 302
     assert notes(response) == {error: "error"}
     assert Campaign.objects.get(pk=draft.pk).status == S.DRAFT
+
+
+@pytest.mark.parametrize("action", ["send_now", "cancel"])
+def test_admin_one_click_never_sends_or_cancels_it_asks_first(admin_client, draft, action):
+    add_contacts(2, prefix="unconsented", consent=Contact.Consent.UNKNOWN)
+
+    page = do(admin_client, draft, action, confirm=False)
+
+    assert page.status_code == 200
+    assert page.templates[0].name == "admin/mailer/campaign/confirm.html"
+    content = page.content.decode()
+    if action == "send_now":
+        assert "3 recipients" in content  # the audience now: consented contacts only
+        assert 'value="Yes, send it now to 3 recipients"' in content
+    else:
+        assert 'value="Yes, cancel it"' in content
+    assert 'name="confirm" value="yes"' in content
+    assert Campaign.objects.get(pk=draft.pk).status == S.DRAFT
+    assert not draft.transitions.exists()
+
+    confirmed = do(admin_client, draft, action)
+
+    assert confirmed.status_code == 302
+    expected = S.SCHEDULED if action == "send_now" else S.CANCELLED
+    assert Campaign.objects.get(pk=draft.pk).status == expected
+
+
+def test_admin_send_now_page_says_why_a_campaign_cannot_be_sent(admin_client, newsletter):
+    lonely = make_campaign(newsletter, name="Nobody")
+
+    page = do(admin_client, lonely, "send_now", confirm=False)
+
+    content = page.content.decode()
+    assert "Not possible: Choose at least one segment to send to." in content
+    assert "mailer-confirm-yes" not in content  # nothing to confirm
+
+
+def test_admin_cancel_page_counts_the_unsent_emails(admin_client, draft, smtp):
+    campaign = launched(draft)
+    send_some(1)
+
+    page = do(admin_client, campaign, "cancel", confirm=False)
+
+    cells = page.content.decode().split('class="mailer-confirm-count">', 1)[1]
+    assert cells.startswith("2<")
+    assert Campaign.objects.get(pk=campaign.pk).status == S.SENDING
+
+
+def test_admin_list_actions_send_now_and_cancel_ask_first(
+    admin_client, draft, newsletter, everyone
+):
+    other = make_campaign(newsletter, everyone, name="Autumn")
+    url = reverse("admin:mailer_campaign_changelist")
+    chosen = {"action": "send_now_action", "_selected_action": [draft.pk, other.pk], "index": "0"}
+
+    page = admin_client.post(url, chosen)
+
+    assert page.status_code == 200
+    content = page.content.decode()
+    assert 'value="Yes, send 2 campaigns now to 6 recipients"' in content
+    assert set(Campaign.objects.values_list("status", flat=True)) == {S.DRAFT}
+
+    response = admin_client.post(url, {**chosen, "confirm": "yes"})
+
+    assert response.status_code == 302
+    assert set(Campaign.objects.values_list("status", flat=True)) == {S.SCHEDULED}
+
+
+def test_admin_draft_page_shows_its_estimated_audience(admin_client, draft):
+    add_contacts(4, prefix="nope", consent=Contact.Consent.WITHDRAWN)
+    Suppression.objects.create(email="reader0@example.com")
+
+    page = admin_client.get(reverse("admin:mailer_campaign_change", args=[draft.pk]))
+
+    assert '<span data-audience="2">~2 contacts now</span>' in page.content.decode()
+
+
+def test_admin_campaign_list_shows_sent_open_and_click_rates(
+    admin_client, mixed, newsletter, everyone, django_assert_max_num_queries
+):
+    campaign, _ = mixed  # 9 sent, 2 people opened, 2 clicked
+    draft = make_campaign(newsletter, everyone, name="Draft")
+
+    with django_assert_max_num_queries(12):
+        page = admin_client.get(reverse("admin:mailer_campaign_changelist"))
+
+    content = page.content.decode()
+    row = content.split(f"/admin/mailer/campaign/{campaign.pk}/change/", 1)[1].split("</tr>")[0]
+    assert '<td class="field-sent_count">9</td>' in row
+    assert '<td class="field-open_rate">22.2%</td>' in row
+    assert '<td class="field-click_rate">22.2%</td>' in row
+    draft_row = content.split(f"/admin/mailer/campaign/{draft.pk}/change/", 1)[1]
+    assert '<td class="field-open_rate">—</td>' in draft_row.split("</tr>")[0]
+
+
+def test_admin_a_campaign_that_left_draft_has_no_save_buttons(admin_client, draft, smtp):
+    editable = admin_client.get(reverse("admin:mailer_campaign_change", args=[draft.pk]))
+    assert 'name="_save"' in editable.content.decode()
+
+    launched(draft)
+    delivery.drain(Kind.CAMPAIGN)
+    campaigns.finish_campaigns()
+    page = admin_client.get(reverse("admin:mailer_campaign_change", args=[draft.pk]))
+
+    content = page.content.decode()
+    assert Campaign.objects.get(pk=draft.pk).status == S.SENT
+    assert 'name="_save"' not in content
+    assert 'name="_continue"' not in content
+    assert 'name="_addanother"' not in content
 
 
 def test_admin_actions_refuse_get(admin_client, draft):

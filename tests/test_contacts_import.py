@@ -31,8 +31,12 @@ def csv_bytes(*lines: str) -> io.BytesIO:
     return io.BytesIO(("\n".join(lines) + "\n").encode())
 
 
-def run_import(*lines: str, source: str = "test import", batch_size: int = 2000):
-    return contacts.import_csv(csv_bytes(*lines), source=source, batch_size=batch_size)
+def run_import(
+    *lines: str, source: str = "test import", batch_size: int = 2000, dry_run: bool = False
+):
+    return contacts.import_csv(
+        csv_bytes(*lines), source=source, batch_size=batch_size, dry_run=dry_run
+    )
 
 
 def tags_of(email: str) -> list[str]:
@@ -398,14 +402,18 @@ def test_admin_import_page_shows_the_form(admin_client):
 def test_admin_import_creates_contacts_and_lists_row_errors(admin_client):
     content = b"email,name,consent\nada@example.com,Ada,yes\nbroken,Bad,yes\nbob@x.com,B,huh\n"
 
-    response = admin_client.post("/admin/mailer/contact/import/", {"file": upload(content)})
+    response = admin_client.post(
+        "/admin/mailer/contact/import/", {"file": upload(content), "_import": "Import"}
+    )
 
-    assert response.status_code == 302
-    assert response["Location"] == reverse("admin:mailer_contact_changelist")
+    assert response.status_code == 200  # the report, row by row
     notes = [str(m) for m in get_messages(response.wsgi_request)]
-    assert notes[0] == "3 rows: 1 contacts created, 0 updated, 0 duplicates merged, 2 rejected."
-    assert notes[1].startswith("Row 3: ")
-    assert notes[2].startswith("Row 4: consent 'huh'")
+    assert notes == ["3 rows: 1 contacts created, 0 updated, 0 duplicates merged, 2 rejected."]
+    page = response.content.decode()
+    assert "What the import did" in page
+    assert "<li>Row 3: " in page
+    assert "<li>Row 4: consent &#x27;huh&#x27;" in page
+    assert '<tr data-line="2" class="mailer-import-created">' in page
     ada = Contact.objects.get()
     assert ada.consent == Contact.Consent.GRANTED
     assert ada.consent_source == "admin import of contacts.csv by admin"
@@ -451,3 +459,109 @@ def test_admin_export_selected_action_streams_only_the_selection(admin_client):
 
     body = b"".join(response.streaming_content).decode()
     assert [row[0] for row in csv.reader(io.StringIO(body))] == ["email", "ada@example.com"]
+
+
+# --- Which row did what, and dry runs -------------------------------------------------------
+
+
+def test_the_report_says_which_row_created_or_updated_which_contact_and_what_it_overwrote():
+    Contact.objects.create(email="ada@example.com", name="Ada", language="en")
+    report = run_import(
+        "email,name,language,plan",
+        "ada@example.com,Ada L.,en,pro",
+        "bob@example.com,Bob,,",
+        "ADA@example.com,Ada Lovelace,,team",
+        "bob@example.com,Bob,,",
+    )
+
+    got = [(d.line, d.email, d.action) for d in report.details]
+    assert got == [
+        (2, "ada@example.com", "updated"),
+        (3, "bob@example.com", "created"),
+        (4, "ada@example.com", "updated"),
+        (5, "bob@example.com", "unchanged"),
+    ]
+    first, _, later, _ = report.details
+    assert [(c.field, c.before, c.after, c.overwrites_line) for c in first.changes] == [
+        ("name", "Ada", "Ada L.", None),  # what was stored before the import
+        ("attributes.plan", "", "pro", None),
+    ]
+    assert [(c.field, c.before, c.after, c.overwrites_line) for c in later.changes] == [
+        ("name", "Ada L.", "Ada Lovelace", 2),
+        ("attributes.plan", "pro", "team", 2),
+    ]
+    assert report.overwrites == [later]
+    ada = Contact.objects.get(email="ada@example.com")
+    assert (ada.name, ada.attributes) == ("Ada Lovelace", {"plan": "team"})
+
+
+def test_a_dry_run_reports_exactly_what_an_import_would_do_and_stores_nothing():
+    Contact.objects.create(email="ada@example.com", name="Ada")
+    lines = ("email,name,tags", "ada@example.com,Ada L.,vip", "new@example.com,New,vip;beta")
+
+    dry = run_import(*lines, dry_run=True)
+
+    assert dry.dry_run
+    assert list(Contact.objects.values_list("email", "name")) == [("ada@example.com", "Ada")]
+    assert not Tag.objects.exists()
+    real = run_import(*lines)
+    assert (dry.rows, dry.created, dry.updated, dry.rejected) == (
+        real.rows,
+        real.created,
+        real.updated,
+        real.rejected,
+    )
+    assert [(d.line, d.action, d.changes, d.tags) for d in dry.details] == [
+        (d.line, d.action, d.changes, d.tags) for d in real.details
+    ]
+    assert Contact.objects.get(email="new@example.com").name == "New"
+
+
+def test_row_details_stop_at_the_limit_and_count_the_rest(monkeypatch):
+    monkeypatch.setattr(contacts, "DETAIL_LIMIT", 3)
+
+    report = run_import("email", *(f"c{i}@example.com" for i in range(5)), batch_size=2)
+
+    assert [d.line for d in report.details] == [2, 3, 4]
+    assert report.details_left_out == 2
+    assert report.created == 5
+
+
+def test_admin_dry_run_shows_the_report_and_imports_nothing(admin_client):
+    Contact.objects.create(email="ada@example.com", name="Ada")
+    content = b"email,name\nada@example.com,Ada L.\nada@example.com,Ada Lovelace\n"
+
+    response = admin_client.post(
+        "/admin/mailer/contact/import/", {"file": upload(content), "_dry_run": "Dry run"}
+    )
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Dry run: what the import would do (nothing was stored)" in page
+    assert "name: “Ada L.” → “Ada Lovelace” — overwrites row 2" in page
+    assert "1 row overwrote a value an earlier row of this file had set" in page
+    assert [str(m) for m in get_messages(response.wsgi_request)] == [
+        "Dry run, nothing was imported. 2 rows: 0 contacts created, 1 updated, "
+        "1 duplicates merged, 0 rejected."
+    ]
+    assert Contact.objects.get().name == "Ada"
+
+    imported = admin_client.post(
+        "/admin/mailer/contact/import/", {"file": upload(content), "_import": "Import"}
+    )
+
+    assert "What the import did" in imported.content.decode()
+    assert Contact.objects.get().name == "Ada Lovelace"
+
+
+def test_command_dry_run_prints_overwrites_and_imports_nothing(tmp_path):
+    path = tmp_path / "people.csv"
+    path.write_text("email,name\nada@example.com,Ada\nada@example.com,Ada L.\n")
+    out = io.StringIO()
+
+    call_command("mailer_import_contacts", str(path), "--dry-run", stdout=out)
+
+    printed = out.getvalue()
+    assert "line 3 overwrote ada@example.com: name 'Ada' → 'Ada L.' (set by line 2)" in printed
+    assert "Dry run, nothing imported: 2 rows: 1 created" in printed
+    assert not Contact.objects.exists()

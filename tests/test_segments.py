@@ -455,3 +455,79 @@ def test_segment_add_page_asks_to_save_before_counting(admin_client):
 
     assert response.status_code == 200
     assert "Save to see how many contacts match." in response.content.decode()
+
+
+# --- Cycles: refused on save --------------------------------------------------------------
+
+
+def test_check_no_cycle_refuses_a_segment_naming_itself():
+    loop = make_segment(name="Loop")
+
+    with pytest.raises(SegmentError, match="Loop → Loop"):
+        segments.check_no_cycle(loop, include=[loop])
+
+
+def test_check_no_cycle_follows_includes_and_excludes_of_other_segments():
+    first, second, third = (make_segment(name=n) for n in ("First", "Second", "Third"))
+    first.include_segments.add(second)
+    second.exclude_segments.add(third)
+
+    with pytest.raises(SegmentError, match="Third → First → Second → Third"):
+        segments.check_no_cycle(third, include=[first])
+    with pytest.raises(SegmentError, match="Third → First → Second → Third"):
+        segments.check_no_cycle(third, exclude=[first])
+
+
+def test_check_no_cycle_accepts_a_diamond_and_a_new_segment():
+    top, left, right, bottom = (make_segment(name=n) for n in ("Top", "Left", "Right", "Bottom"))
+    left.include_segments.add(bottom)
+    right.exclude_segments.add(bottom)
+
+    segments.check_no_cycle(top, include=[left, right], exclude=[bottom])
+    segments.check_no_cycle(Segment(name="Unsaved"), include=[top])
+
+
+def test_admin_refuses_a_segment_that_would_include_itself_through_others(admin_client):
+    first, second, third = (make_segment(name=n) for n in ("First", "Second", "Third"))
+    first.include_segments.add(second)
+    second.include_segments.add(third)
+
+    response = admin_client.post(
+        reverse("admin:mailer_segment_change", args=[third.pk]),
+        segment_form(name="Third", include_segments=[str(first.pk)]),
+    )
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "Third → First → Second → Third" in str(errors["include_segments"])
+    assert "Third → First → Second → Third" in response.content.decode()
+    assert not third.include_segments.exists()  # nothing saved
+
+
+def test_admin_refuses_an_exclude_that_loops_back(admin_client):
+    first, second = make_segment(name="First"), make_segment(name="Second")
+    first.exclude_segments.add(second)
+
+    response = admin_client.post(
+        reverse("admin:mailer_segment_change", args=[second.pk]),
+        segment_form(name="Second", include_segments=[str(first.pk)]),
+    )
+
+    assert response.status_code == 200
+    assert "Second → First → Second" in response.content.decode()
+    assert not second.include_segments.exists()
+
+
+def test_admin_never_offers_a_segment_to_itself_and_saves_a_chain(admin_client):
+    first, second = make_segment(name="First"), make_segment(name="Second")
+    page = admin_client.get(reverse("admin:mailer_segment_change", args=[second.pk]))
+    offered = page.context["adminform"].form.fields["include_segments"].queryset
+    assert list(offered) == [first]
+
+    response = admin_client.post(
+        reverse("admin:mailer_segment_change", args=[second.pk]),
+        segment_form(name="Second", include_segments=[str(first.pk)]),
+    )
+
+    assert response.status_code == 302
+    assert list(second.include_segments.all()) == [first]

@@ -83,7 +83,7 @@ def host(wheel, tmp_path_factory) -> Path:
         settings.read_text()
         + textwrap.dedent(
             """
-            INSTALLED_APPS += ["django_celery_beat", "mailer"]
+            INSTALLED_APPS = ["mailer", "django_celery_beat", *INSTALLED_APPS]
             MAILER = {"SITE_URL": "https://shop.example", "FROM_EMAIL": "hello@shop.example"}
             CELERY_BROKER_URL = "memory://"
             CELERY_TASK_ALWAYS_EAGER = True
@@ -159,7 +159,7 @@ def test_a_host_missing_what_mailer_needs_is_told_what_to_do(host):
     original = settings.read_text()
     try:
         settings.write_text(
-            original.replace('["django_celery_beat", "mailer"]', '["mailer"]')
+            original.replace('["mailer", "django_celery_beat", ', '["mailer", ')
             + '\nDEBUG = False\nALLOWED_HOSTS = ["shop.example"]\nMAILER["SITE_URL"] = '
             '"http://localhost:8000"\n'
         )

@@ -114,6 +114,13 @@ def on_worker_heartbeat_stop(sender=None, **kwargs) -> None:
 
 
 def on_beat_started(sender=None, **kwargs) -> None:
+    from celery.utils.imports import symbol_by_name
+
+    from .scheduler import Scheduler
+
+    scheduler = getattr(sender, "scheduler_cls", None)
+    if scheduler is not None and issubclass(symbol_by_name(scheduler), Scheduler):
+        return  # mailer's scheduler writes the heartbeat from its tick
     health.start_heartbeat(health.beat_name(), "beat", [])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from datetime import timedelta
 from io import StringIO
 
@@ -267,3 +268,27 @@ def test_reputation_pause_emails_admins(settings):
 
 
 __all__ = ["audience", "marketing"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_beats_heartbeat_comes_from_its_scheduler_tick(broker, settings):
+    # Not a thread: a scheduler that stops ticking stops saying beat is alive.
+    from celery import current_app
+
+    from mailer.receivers import on_beat_started
+    from mailer.scheduler import Scheduler
+
+    settings.MAILER = {**settings.MAILER, "HEARTBEAT_SECONDS": 3600}
+    scheduler = Scheduler(app=current_app)
+    assert not Heartbeat.objects.filter(kind="beat").exists()
+
+    scheduler.tick()
+    first = Heartbeat.objects.get(kind="beat").seen_at
+    scheduler.tick()  # within HEARTBEAT_SECONDS: no second write
+    assert Heartbeat.objects.get(kind="beat").seen_at == first
+
+    class Service:  # what beat_init sends: no heartbeat thread for mailer's scheduler
+        scheduler_cls = "mailer.scheduler:Scheduler"
+
+    on_beat_started(sender=Service())
+    assert not any(t.name == "mailer-heartbeat-beat" for t in threading.enumerate())

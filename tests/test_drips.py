@@ -717,3 +717,113 @@ def test_frequency_cap_settings_are_checked(settings):
 
 def test_marketing_paused_helper_is_shared_with_claims():
     assert outbox.marketing_paused() is False
+
+
+# --- Two ticks at once, and a tick killed mid-way (real PostgreSQL) ------------------------------
+
+KILLED_TICK = """
+import os, sys, time
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+django.setup()
+from mailer import drips, outbox
+
+real = outbox.update_enrollments
+
+
+def stall(rows, now):
+    real(rows, now)  # messages and runs are written, the transaction is still open
+    with open(sys.argv[1], "w") as marker:
+        marker.write(str(len(rows)))
+    time.sleep(120)
+
+
+outbox.update_enrollments = stall
+drips.advance_due(batch_size=int(sys.argv[2]))
+"""
+
+
+def many(made: DripSeries, count: int, prefix: str) -> list[Contact]:
+    people = Contact.objects.bulk_create(
+        [Contact(email=f"{prefix}{i}@example.com", consent="granted") for i in range(count)]
+    )
+    Enrollment.objects.bulk_create(
+        [Enrollment(series=made, contact=who, next_due_at=timezone.now()) for who in people]
+    )
+    return people
+
+
+def one_message_per_step(made: DripSeries, people: int) -> None:
+    steps = made.steps.filter(kind="send").count()
+    pairs = Message.objects.filter(enrollment__series=made).values_list("enrollment", "drip_step")
+    assert len(pairs) == len(set(pairs)) == people * steps
+
+
+@pytest.mark.integration
+def test_two_ticks_at_once_take_each_enrollment_once(transactional_db, test_database_url):
+    import threading
+
+    from django.db import connection
+
+    made = series("Concurrent", send("c1"), send("c2"))
+    many(made, 1000, "pair")
+    start, results = threading.Barrier(2), []
+
+    def tick():
+        try:
+            start.wait()
+            results.append(drips.advance_due(batch_size=100))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=tick) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(r.advanced for r in results) == 1000  # nobody advanced twice
+    assert all(r.advanced > 0 for r in results)  # both really worked
+    one_message_per_step(made, 1000)
+    assert DripStepRun.objects.count() == 2000
+
+
+@pytest.mark.integration
+def test_a_tick_killed_mid_way_leaves_nothing_half_done(
+    transactional_db, worker_env, smtp, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mailer import delivery
+    from tests.conftest import REPO, tally, wait_for
+
+    made = series("Killed", send("k1"), send("k2"))
+    people = many(made, 300, "killed")
+    marker = tmp_path / "stalled"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TICK, str(marker), "200"],
+        cwd=REPO,
+        env=worker_env,
+        start_new_session=True,
+    )
+    try:
+        wait_for(marker.exists, timeout=60, message="the tick never reached its last write")
+        assert marker.read_text() == "200"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    # Its transaction died with it: the 200 enrollments it held are due again.
+    wait_for(
+        lambda: drips.advance_due().advanced == 0 and not Enrollment.objects.active().exists(),
+        timeout=30,
+        message="enrollments left behind by the killed tick",
+    )
+    one_message_per_step(made, 300)
+    while delivery.drain(Kind.CAMPAIGN):
+        pass
+    received = tally(smtp, {who.email for who in people})
+    assert (received.lost, received.unexpected, received.received) == (0, 0, 600)
+    assert received.duplicated == 300  # two steps each: every address got exactly two

@@ -501,6 +501,7 @@ class CampaignForm(forms.ModelForm):
             "from_email",
             "reply_to",
             "send_at",
+            "send_in_local_time",
             "test_share",
             "winner_metric",
             "test_window",
@@ -554,7 +555,7 @@ class CampaignAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "status", "template", "segments", "exclude_segments")}),
         ("Sender", {"fields": ("from_name", "from_email", "reply_to")}),
-        ("When", {"fields": ("send_at",)}),
+        ("When", {"fields": ("send_at", "send_in_local_time")}),
         (
             "A/B test",
             {

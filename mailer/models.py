@@ -308,7 +308,12 @@ class CampaignStatus(models.TextChoices):
 
 class CampaignQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> CampaignQuerySet:
-        return self.filter(status=CampaignStatus.SCHEDULED, send_at__lte=now or timezone.now())
+        """Scheduled and due; a local-time send may be due up to 26 hours before its send
+        time (the first zone on Earth reaches its clock time; ``campaigns.launch_time``)."""
+        now = now or timezone.now()
+        return self.filter(status=CampaignStatus.SCHEDULED).filter(
+            Q(send_at__lte=now) | Q(send_in_local_time=True, send_at__lte=now + timedelta(hours=26))
+        )
 
     def running(self) -> CampaignQuerySet:
         return self.filter(status__in=CampaignStatus.running())

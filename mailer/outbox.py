@@ -1015,39 +1015,69 @@ def analyze_audience_tables() -> None:
 
 
 @dataclass
+class Timing:
+    """SQL fragments (with their parameters) for when each recipient's message goes:
+    its status, queued_at and send_after. Default: queued now."""
+
+    status: str = "'queued'"
+    status_params: list = field(default_factory=list)
+    queued_at: str = "%s"
+    queued_at_params: list | None = None  # None: [now]
+    send_after: str = "NULL"
+    send_after_params: list = field(default_factory=list)
+
+
+@dataclass
 class Columns:
-    """SQL fragments choosing each recipient's variant and template (integers only)."""
+    """SQL fragments choosing each recipient's variant, template (and translation), and
+    when it goes; ``params`` are the slug's then the language's."""
 
     variant: str
     template: str
     slug: str
     language: str
     params: list
+    template_params: list = field(default_factory=list)
+    timing: Timing | None = None
 
 
 def insert_campaign_messages(
     campaign_id: int, columns: Columns, ids_sql: str, ids_params: list, condition: str, now
 ) -> int:
-    """INSERT … SELECT one queued message per contact id the audience query yields.
+    """INSERT … SELECT one message per contact id the audience query yields: queued, or
+    scheduled for the contact's own time (``columns.timing``).
 
     ON CONFLICT DO NOTHING on (campaign, contact): running it twice adds nobody twice.
     """
     uuid_sql = "gen_random_uuid()" if postgres() else "lower(hex(randomblob(16)))"
+    timing = columns.timing or Timing()
+    queued_params = [now] if timing.queued_at_params is None else timing.queued_at_params
     # Only integers and fixed SQL fragments are formatted in; values are parameters.
     sql = f"""
         INSERT INTO mailer_message (
             uuid, kind, status, to_email, contact_id, template_id, campaign_id, variant_id,
             template_slug, language, context, metadata, subject, attempts, last_error,
-            provider_message_id, created_at, queued_at, updated_at
+            provider_message_id, created_at, queued_at, updated_at, send_after
         )
-        SELECT {uuid_sql}, 'campaign', 'queued', c.email, c.id, {columns.template}, %s,
+        SELECT {uuid_sql}, 'campaign', {timing.status}, c.email, c.id, {columns.template}, %s,
                {columns.variant}, {columns.slug}, {columns.language}, '{{}}', '{{}}', '', 0,
-               '', '', %s, %s, %s
+               '', '', %s, {timing.queued_at}, %s, {timing.send_after}
         FROM mailer_contact c
         WHERE c.id IN ({ids_sql}) AND c.id > %s AND c.id <= %s AND {condition}
         ON CONFLICT DO NOTHING
     """  # noqa: S608
-    return _run(sql, [campaign_id, *columns.params, now, now, now, *ids_params])
+    params = [
+        *timing.status_params,
+        *columns.template_params,
+        campaign_id,
+        *columns.params,
+        now,
+        *queued_params,
+        now,
+        *timing.send_after_params,
+        *ids_params,
+    ]
+    return _run(sql, params)
 
 
 # --- Drip enrollments: their steps' messages, bulk moves, SQL entries ------------------------

@@ -21,10 +21,10 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Exists, Max, Min, OuterRef, Q, Subquery
 from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Coalesce, Substr
+from django.db.models.functions import Substr
 from django.utils import timezone
 
-from . import conf, dispatch, localtime, outbox, rendering, segments
+from . import conf, dispatch, frequency, localtime, outbox, rendering, segments
 from .contacts import clean_address, contact_for_user
 from .exceptions import DripError, MailerError
 from .localtime import Window
@@ -61,8 +61,6 @@ _KICK_TTL_MS = 2000
 
 #: Messages that will never be opened or clicked: a decision on them need not wait.
 _NEVER_ARRIVED = frozenset({S.FAILED, S.CANCELLED, S.SUPPRESSED, S.BOUNCED})
-#: Messages the frequency cap does not count: they never went and never will.
-_NOT_COUNTED = (S.CANCELLED, S.FAILED, S.SUPPRESSED)
 
 CHUNK = 50_000  # contact ids per INSERT … SELECT of segment entries and anniversaries
 
@@ -549,7 +547,7 @@ class _Batch:
         self._members: dict[int, set[int]] = {}
         self._templates: dict[tuple, rendering.Source | MailerError] = {}
         self.caps = conf.frequency_cap()
-        self.ledger: _Ledger | None = None
+        self.ledger: frequency.Ledger | None = None
         self.grace = timedelta(seconds=conf.drips("WINDOW_GRACE"))
         self.recheck = timedelta(seconds=conf.drips("DECIDE_RECHECK"))
 
@@ -779,64 +777,12 @@ class _Batch:
                 _Sent(message.drip_step_id, message.status, None, None, None)
             )
 
-    def _ledger(self) -> _Ledger:
+    def _ledger(self) -> frequency.Ledger:
         if self.ledger is None:
-            self.ledger = _Ledger([e.contact_id for e in self.enrollments], self.now, self.caps)
+            contacts = [e.contact_id for e in self.enrollments]
+            frequency.lock(contacts)
+            self.ledger = frequency.Ledger(contacts, self.now, self.caps)
         return self.ledger
-
-
-class _Ledger:
-    """The marketing email (campaigns and drips, sent or planned) each contact of a batch
-    has around now: what the frequency cap counts. The contacts are locked first, so two
-    ticks deciding for one contact take turns and the cap is exact between them."""
-
-    def __init__(self, contact_ids: list[int], now: datetime, caps: dict[str, int]):
-        self.caps = caps
-        ids = sorted(set(contact_ids))
-        list(
-            Contact.objects.select_for_update().filter(pk__in=ids).order_by("pk").values_list("pk")
-        )
-        planned = Coalesce("send_after", "queued_at", "created_at")
-        rows = (
-            Message.objects.filter(contact_id__in=ids, kind__in=Kind.marketing())
-            .exclude(status__in=_NOT_COUNTED)
-            .annotate(planned=planned)
-            .filter(planned__gte=now - timedelta(days=8))
-            .values_list("contact_id", "planned")
-        )
-        self.times: dict[int, list[datetime]] = {}
-        for contact_id, planned_at in rows:
-            self.times.setdefault(contact_id, []).append(planned_at)
-        for times in self.times.values():
-            times.sort()
-
-    def add(self, contact_id: int, moment: datetime) -> None:
-        bisect.insort(self.times.setdefault(contact_id, []), moment)
-
-    def _count(self, contact_id: int, start: datetime, end: datetime) -> int:
-        times = self.times.get(contact_id, [])
-        return bisect.bisect_left(times, end) - bisect.bisect_left(times, start)
-
-    def first_allowed(
-        self, contact_id: int, moment: datetime, tz, window: Window
-    ) -> tuple[datetime, str]:
-        """The first moment from ``moment`` in the window with room under every cap, and
-        why it moved ("" if it did not)."""
-        why = ""
-        for _ in range(400):  # a year of days: any cap has room long before
-            full_until = None
-            for kind, bounds in (("day", localtime.day_bounds), ("week", localtime.week_bounds)):
-                limit = self.caps.get(kind)
-                if limit is None:
-                    continue
-                start, end = bounds(moment, tz)
-                if self._count(contact_id, start, end) >= limit:
-                    full_until = max(full_until or end, end)
-                    why = f"Waiting: frequency cap of {limit} a {kind} reached."
-            if full_until is None:
-                return moment, why
-            moment = window.next_open(full_until, tz)
-        return moment, why
 
 
 # --- Beat's checks -------------------------------------------------------------------------

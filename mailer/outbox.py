@@ -731,6 +731,17 @@ def release(
         return held.update(**fields)
 
 
+def defer(held: dict[int, tuple[datetime, str]], token: uuid.UUID) -> int:
+    """Hand claimed messages back scheduled for later, saying why (the frequency cap):
+    beat releases each when its time comes. Attempts are not counted."""
+    moved = 0
+    for pk, (until, why) in sorted(held.items()):
+        moved += Message.objects.filter(pk=pk, status=S.SENDING, claim_token=token).update(
+            status=S.SCHEDULED, claim_token=None, send_after=until, last_error=why[:2000]
+        )
+    return moved
+
+
 # --- Waking, retrying and recovering -----------------------------------------------------
 
 

@@ -1118,3 +1118,7 @@ def _quota_usage(queue: Queue) -> list[quota.Usage]:
 
 # The HTTP API's keys and the outgoing webhooks have their own module.
 from . import admin_http  # noqa: E402, F401
+
+# isort: split
+# Drip series, enrollments, and the enrollments block on a contact's page.
+from . import admin_drips  # noqa: E402, F401

@@ -1181,6 +1181,19 @@ class DripSeries(SendWindow):
             raise ValidationError(errors)
 
 
+def duration(value: timedelta | None) -> str:
+    """A delay as people say it: "1 day", "2 days 3 hours", "30 minutes"."""
+    if not value:
+        return "—"
+    seconds = int(value.total_seconds())
+    parts = []
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}{'s' if count != 1 else ''}")
+    return " ".join(parts) or "0 seconds"
+
+
 class StepKind(models.TextChoices):
     SEND = "send", "Send an email"
     WAIT = "wait", "Wait"
@@ -1268,12 +1281,12 @@ class DripStep(SendWindow):
         if self.kind == StepKind.SEND:
             return f"send {self.template.slug if self.template_id else '(no template)'}"
         if self.kind == StepKind.WAIT:
-            return f"wait {self.delay or '—'} {self.get_delay_from_display()}"
+            return f"wait {duration(self.delay)} {self.get_delay_from_display()}"
         what = self.get_condition_display() if self.condition else "(no condition)"
         if self.condition == Condition.IN_SEGMENT and self.condition_segment_id:
             what = f"in segment {self.condition_segment}"
         if self.condition_window and self.condition != Condition.IN_SEGMENT:
-            what += f" within {self.condition_window}"
+            what += f" within {duration(self.condition_window)}"
         return f"if {what.lower()}: {self._branch('yes')}; else: {self._branch('no')}"
 
     def _branch(self, which: str) -> str:

@@ -353,10 +353,17 @@ def set_status(series: DripSeries, status: str) -> DripSeries:
     if status not in DripSeriesStatus.values:
         raise DripError(f"Unknown series status {status!r}.", field="status")
     if status == DripSeriesStatus.ACTIVE:
-        broken = [step for step in series.steps.all() if _step_problem(step)]
+        steps = list(series.steps.all())
+        broken = [step for step in steps if _step_problem(step)]
         if broken:
             raise DripError(
                 f"Step {broken[0].position}: {_step_problem(broken[0])}", field="status"
+            )
+        if any(step.kind == Step.SEND for step in steps) and not conf.get("POSTAL_ADDRESS"):
+            raise DripError(
+                "Set MAILER['POSTAL_ADDRESS'] (MAILER_POSTAL_ADDRESS): marketing email must "
+                "carry a postal address (CAN-SPAM).",
+                field="status",
             )
     DripSeries.objects.filter(pk=series.pk).update(status=status, updated_at=timezone.now())
     series.status = status

@@ -4,6 +4,7 @@ data, anniversaries, and the tick's guarantees (one message per step, never stuc
 
 from __future__ import annotations
 
+import io
 import logging
 from datetime import UTC, datetime, time, timedelta
 
@@ -827,3 +828,35 @@ def test_a_tick_killed_mid_way_leaves_nothing_half_done(
     received = tally(smtp, {who.email for who in people})
     assert (received.lost, received.unexpected, received.received) == (0, 0, 600)
     assert received.duplicated == 300  # two steps each: every address got exactly two
+
+
+# --- The demo's onboarding series ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clicked", [False, True])
+def test_the_demo_onboarding_series(clock, settings, clicked):
+    """Welcome at once, getting started a day later, tips a week after registering; the
+    last two only to contacts who have not clicked anything yet."""
+    from django.core.management import call_command
+
+    settings.DEBUG = True
+    call_command("mailer_demo", stdout=io.StringIO())
+    call_command("mailer_demo", stdout=io.StringIO())  # idempotent
+    assert DripSeries.objects.filter(name="Onboarding (demo)").count() == 1
+    start = clock.now
+    user = UserFactory(email="newbie@example.com")
+    user_registered.send(sender=None, user=user, request=None)
+    drips.advance_due()
+    who = Contact.objects.get(email="newbie@example.com")
+    if clicked:
+        Message.objects.filter(contact=who, kind=Kind.DRIP).update(
+            status="clicked", sent_at=start, clicked_at=start + timedelta(hours=2)
+        )
+    run(clock, start + timedelta(days=10))
+    expected = [("onboarding-welcome", start)]
+    if not clicked:
+        expected += [
+            ("onboarding-getting-started", start + timedelta(days=1)),
+            ("onboarding-tips", start + timedelta(days=7)),
+        ]
+    assert mail(who) == expected

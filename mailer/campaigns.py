@@ -339,14 +339,20 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
         high = low + CHUNK
         chunk = segments.audience(campaign, now=now, within=(low, high))
         ids_sql, ids_params = chunk.values("pk").query.sql_with_params()
-        created += outbox.insert_campaign_messages(
-            campaign.pk, columns, ids_sql, [*ids_params, low, high], condition, now
+        created += _insert_chunk(
+            campaign, columns, ids_sql, [*ids_params, low, high], condition, now
         )
         low = high
     total = Message.objects.filter(campaign=campaign).count()
     Campaign.objects.filter(pk=campaign.pk).update(recipients=total)
     logger.info("mailer: campaign %s materialized %d messages (%s)", campaign.pk, created, phase)
     return created
+
+
+def _insert_chunk(campaign, columns, ids_sql, ids_params, condition, now) -> int:
+    return outbox.insert_campaign_messages(
+        campaign.pk, columns, ids_sql, ids_params, condition, now
+    )
 
 
 def _columns(

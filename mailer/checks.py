@@ -27,7 +27,13 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
 
-    for read in (conf.quota_timezone, conf.webhook_max_age, conf.template_limits):
+    for read in (
+        conf.quota_timezone,
+        conf.webhook_max_age,
+        conf.template_limits,
+        conf.frequency_cap,
+        conf.drip_settings,
+    ):
         try:
             read()
         except MailerConfigurationError as exc:

@@ -628,8 +628,22 @@ def drips(name: str) -> float:
     """One of MAILER['DRIPS']'s numbers, checked positive."""
     value = get("DRIPS")[name]
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise MailerConfigurationError(f"MAILER['DRIPS'][{name!r}] must be a positive number.")
+        raise MailerConfigurationError(
+            f"MAILER['DRIPS'][{name!r}] is {value!r}: it must be a positive number."
+        )
     return value
+
+
+def drip_settings() -> dict[str, float]:
+    """MAILER['DRIPS'] over its defaults, every key known and positive (checks E001)."""
+    configured = get("DRIPS")
+    unknown = sorted(set(configured) - set(DEFAULTS["DRIPS"]))
+    if unknown:
+        raise MailerConfigurationError(
+            f"MAILER['DRIPS'] has an unknown key {unknown[0]!r}; the keys are "
+            f"{', '.join(DEFAULTS['DRIPS'])}."
+        )
+    return {name: drips(name) for name in configured}
 
 
 def site_timezone() -> str:

@@ -12,7 +12,7 @@ import pytest
 from django.db.models import Min
 from django.utils import timezone
 
-from mailer import api, drips, localtime, outbox
+from mailer import api, drips, localtime
 from mailer.exceptions import DripError, InvalidContext
 from mailer.models import (
     Contact,
@@ -716,8 +716,19 @@ def test_frequency_cap_settings_are_checked(settings):
         conf.frequency_cap()
 
 
-def test_marketing_paused_helper_is_shared_with_claims():
-    assert outbox.marketing_paused() is False
+def test_drip_and_cap_settings_that_cannot_work_fail_the_checks(settings):
+    from mailer import checks
+
+    def e001() -> list[str]:
+        return [e.msg for e in checks.check_settings() if e.id == "mailer.E001"]
+
+    assert e001() == []
+    settings.MAILER = {**settings.MAILER, "FREQUENCY_CAP": {"day": -1}}
+    assert len(e001()) == 1 and "FREQUENCY_CAP" in e001()[0]
+    settings.MAILER = {**settings.MAILER, "FREQUENCY_CAP": {}, "DRIPS": {"BATCH_SIZE": 0}}
+    assert len(e001()) == 1 and "BATCH_SIZE" in e001()[0]
+    settings.MAILER = {**settings.MAILER, "DRIPS": {"TICKS": 5}}
+    assert "unknown key 'TICKS'" in e001()[0]
 
 
 # --- Two ticks at once, and a tick killed mid-way (real PostgreSQL) ------------------------------

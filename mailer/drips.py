@@ -820,7 +820,7 @@ def check_stuck(now: datetime | None = None) -> int:
 
 
 def run_entries(now: datetime | None = None) -> dict[str, int]:
-    """Beat: segment entries and anniversaries, then the overdue check."""
+    """Beat: segment entries and anniversaries."""
     return {
         "segments": enter_segments(now),
         "anniversaries": enter_anniversaries(now),

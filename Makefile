@@ -68,6 +68,10 @@ LATENCY_ARGS ?=
 bench-latency: install ## Sending with a relay 10 ms / an ESP 100 ms away, and the rate limit
 	bash tests/services.sh run -- $(BIN)/python bench/latency.py $(LATENCY_ARGS)
 
+.PHONY: bench-drips
+bench-drips: install ## Drip ticks: 10k and 100k enrollments due in the same minute
+	bash tests/services.sh run -- $(BIN)/python bench/drips.py
+
 lint: install ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -577,6 +577,7 @@ class CampaignForm(forms.ModelForm):
             "from_email",
             "reply_to",
             "send_at",
+            "send_in_local_time",
             "test_share",
             "winner_metric",
             "test_window",
@@ -657,7 +658,7 @@ class CampaignAdmin(ReadOnlyRecord, admin.ModelAdmin):
             {"fields": ("name", "status", "template", "segments", "exclude_segments", "audience")},
         ),
         ("Sender", {"fields": ("from_name", "from_email", "reply_to")}),
-        ("When", {"fields": ("send_at",)}),
+        ("When", {"fields": ("send_at", "send_in_local_time")}),
         (
             "A/B test",
             {
@@ -1349,3 +1350,7 @@ def _quota_usage(queue: Queue) -> list[quota.Usage]:
 
 # The HTTP API's keys and the outgoing webhooks have their own module.
 from . import admin_http  # noqa: E402, F401
+
+# isort: split
+# Drip series, enrollments, and the enrollments block on a contact's page.
+from . import admin_drips  # noqa: E402, F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -11,11 +12,21 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
 
-from . import dispatch, outbox, rendering
+from . import dispatch, drips, outbox, rendering
 from .compose import message_context
 from .contacts import ContactImportReport, clean_address, import_csv
-from .exceptions import HeaderInjection, InvalidContext, MailerError, TemplateNotFound
-from .models import Kind, Message, MessageStatus, Queue, Suppression, unsafe_character
+from .exceptions import DripError, HeaderInjection, InvalidContext, MailerError, TemplateNotFound
+from .models import (
+    Contact,
+    DripSeries,
+    Enrollment,
+    Kind,
+    Message,
+    MessageStatus,
+    Queue,
+    Suppression,
+    unsafe_character,
+)
 from .suppressions import lift as lift_suppressions
 from .suppressions import suppress as add_suppression
 
@@ -26,6 +37,8 @@ __all__ = [
     "suppress",
     "unsuppress",
     "import_contacts",
+    "trigger",
+    "enroll",
     "Message",
     "MailerError",
 ]
@@ -287,6 +300,71 @@ def import_contacts(stream: BinaryIO, *, source: str, dry_run: bool = False) -> 
     row did to which contact in ``details``. ``dry_run``: the same report, nothing stored.
     """
     return import_csv(stream, source=source, dry_run=dry_run)
+
+
+def trigger(
+    event: str,
+    *,
+    contact: Contact | str | Any,
+    data: Mapping[str, Any] | None = None,
+    key: str | None = None,
+) -> list[Enrollment]:
+    """Tell mailer that ``event`` happened to a contact (``"cart_abandoned"``).
+
+    The contact (a Contact, a user, or an address: created when unknown) enters every
+    active drip series listening to the event, and leaves those whose goal it is. ``data``
+    (JSON) reaches the series' templates as variables. ``key`` makes the call idempotent
+    per series: a second trigger with the same key enrolls nobody again. Returns the new
+    enrollments (none when the contact may not enter: see the re-entry policy).
+    """
+    _event_name(event)
+    return drips.trigger(
+        event,
+        drips.contact_for(contact),
+        data=_json_mapping(data, "data"),
+        key=_enrollment_key(key),
+    )
+
+
+def enroll(
+    series: DripSeries | int | str,
+    contact: Contact | str | Any,
+    *,
+    data: Mapping[str, Any] | None = None,
+    key: str | None = None,
+) -> Enrollment | None:
+    """Put a contact at the start of a drip series (given as itself, its id or its name).
+
+    Returns the enrollment, or None when the contact may not enter (already in it, the
+    re-entry policy, no consent, unsubscribed). A draft or archived series raises
+    DripError.
+    """
+    return drips.enroll(
+        drips.series_for(series),
+        drips.contact_for(contact),
+        data=_json_mapping(data, "data"),
+        key=_enrollment_key(key),
+    )
+
+
+def _event_name(event: object) -> None:
+    if not isinstance(event, str) or not _EVENT.match(event):
+        raise DripError(
+            f"An event name is 1 to 100 letters, digits, _ . : or -, not {event!r}.",
+            field="event",
+        )
+
+
+_EVENT = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+
+
+def _enrollment_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > 100:
+        raise DripError("key must be a string of 1 to 100 characters.", field="key")
+    _refuse_header_breaks({"key": key}, "key")
+    return key
 
 
 #: Deeper context is refused: nobody writes it, and it would exhaust the stack.

@@ -73,3 +73,14 @@ class MailerConfig(AppConfig):
                 sender=WebhookEndpoint,
                 dispatch_uid=f"mailer.webhook_endpoint_changed.{signal is post_save}",
             )
+
+        # Drip series: the onboarding series listens to user_registered; an unsubscribe
+        # or suppression takes the address out of every series at once.
+        from .models import Suppression
+
+        signals.user_registered.connect(
+            receivers.on_user_registered_drips, dispatch_uid="mailer.user_registered.drips"
+        )
+        post_save.connect(
+            receivers.on_suppression_saved, sender=Suppression, dispatch_uid="mailer.drips_exit"
+        )

@@ -33,6 +33,9 @@ SCHEDULE: dict[str, tuple[str, int, list]] = {
     "mailer: reputation guard": ("mailer.tasks.reputation_guard", 300, []),
     "mailer: outgoing webhooks": ("mailer.tasks.deliver_webhooks", 60, []),
     "mailer: operator alerts": ("mailer.tasks.operator_alerts", 300, []),
+    "mailer: advance drip series": ("mailer.tasks.advance_drips", 10, []),
+    "mailer: drip entries (segments, anniversaries)": ("mailer.tasks.drip_entries", 60, []),
+    "mailer: overdue drip enrollments": ("mailer.tasks.check_drips", 120, []),
 }
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Max, Min
 from django.utils import timezone
 
-from . import conf, dispatch, outbox, segments
+from . import conf, dispatch, localtime, outbox, rendering, segments
 from .contacts import clean_address
-from .exceptions import CampaignError
+from .exceptions import CampaignError, TemplateNotFound
 from .models import (
     Campaign,
     CampaignStatus,
@@ -21,6 +22,7 @@ from .models import (
     Message,
     MessageStatus,
     Queue,
+    Template,
     Variant,
 )
 
@@ -79,6 +81,12 @@ def check_ready(campaign: Campaign) -> int:
             )
     if not campaign.segments.exists():
         raise CampaignError("Choose at least one segment to send to.", field="segments")
+    if campaign.test_share and campaign.send_in_local_time:
+        raise CampaignError(
+            "An A/B test cannot send in each contact's local time: the test would end "
+            "before most time zones had their turn.",
+            field="send_in_local_time",
+        )
     if campaign.test_share:
         if not 2 <= len(variants) <= 5:
             raise CampaignError("An A/B test needs two to five variants.", field="test_share")
@@ -200,6 +208,7 @@ def duplicate(campaign: Campaign, *, by=None) -> Campaign:
             from_name=campaign.from_name,
             from_email=campaign.from_email,
             reply_to=campaign.reply_to,
+            send_in_local_time=campaign.send_in_local_time,
             test_share=campaign.test_share,
             winner_metric=campaign.winner_metric,
             test_window=campaign.test_window,
@@ -302,7 +311,8 @@ def launch(campaign_id: int, *, now: datetime | None = None) -> int:
     """
     now = now or timezone.now()
     campaign = Campaign.objects.get(pk=campaign_id)
-    if campaign.status != S.SCHEDULED or (campaign.send_at and campaign.send_at > now):
+    starts = launch_time(campaign)
+    if campaign.status != S.SCHEDULED or (starts and starts > now):
         return 0
     testing = bool(campaign.test_share) and campaign.variants.count() >= 2
     target = S.TESTING if testing else S.SENDING
@@ -341,6 +351,7 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
         condition = f"{bucket_sql(seed)} >= {share}"
     else:
         condition = "1 = 1"
+    columns = _columns(campaign, variants, phase, seed, now)
     created = 0
     low = bounds["low"] - 1
     while low < bounds["high"]:
@@ -348,7 +359,7 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
         chunk = segments.audience(campaign, now=now, within=(low, high))
         ids_sql, ids_params = chunk.values("pk").query.sql_with_params()
         created += _insert_chunk(
-            campaign, variants, phase, ids_sql, [*ids_params, low, high], condition, seed, now
+            campaign, columns, ids_sql, [*ids_params, low, high], condition, now
         )
         low = high
     total = Message.objects.filter(campaign=campaign).count()
@@ -357,20 +368,25 @@ def materialize(campaign: Campaign, *, phase: str, now: datetime | None = None) 
     return created
 
 
-def _insert_chunk(campaign, variants, phase, ids_sql, ids_params, condition, seed, now) -> int:
+def _insert_chunk(campaign, columns, ids_sql, ids_params, condition, now) -> int:
     return outbox.insert_campaign_messages(
-        campaign.pk, _columns(campaign, variants, phase, seed), ids_sql, ids_params, condition, now
+        campaign.pk, columns, ids_sql, ids_params, condition, now
     )
 
 
-def _columns(campaign: Campaign, variants: list[Variant], phase: str, seed: int) -> outbox.Columns:
-    """Which variant and template each recipient gets, as SQL over the contact ``c``."""
+def _columns(
+    campaign: Campaign, variants: list[Variant], phase: str, seed: int, now: datetime
+) -> outbox.Columns:
+    """Which variant, template and translation each recipient gets, and when it goes, as
+    SQL over the contact ``c``: worked out once per materialization, not per chunk."""
+    languages = _contact_languages()
     if phase == "test":
         # CASE picks the variant's id and template for the contact's pseudo-random arm.
         pick = variant_sql(seed, len(variants))
         templates = [v.template or campaign.template for v in variants]
+        arms = [_by_language(t, languages) for t in templates]
 
-        def case(values: list) -> str:
+        def case(values: list[str]) -> str:
             return (
                 "CASE "
                 + " ".join(f"WHEN {pick} = {i} THEN {v}" for i, v in enumerate(values))
@@ -378,21 +394,158 @@ def _columns(campaign: Campaign, variants: list[Variant], phase: str, seed: int)
             )
 
         return outbox.Columns(
-            variant=case([v.pk for v in variants]),
-            template=case([t.pk for t in templates]),
+            variant=case([str(v.pk) for v in variants]),
+            template=case([arm.template for arm in arms]),
+            template_params=[p for arm in arms for p in arm.template_params],
             slug=case(["%s"] * len(templates)),
-            language=case(["%s"] * len(templates)),
-            params=[t.slug for t in templates] + [t.language for t in templates],
+            language=case([arm.language for arm in arms]),
+            params=[t.slug for t in templates] + [p for arm in arms for p in arm.language_params],
         )
     variant = campaign.winner if phase == "rest" else None
     template = (variant.template if variant and variant.template_id else None) or campaign.template
+    chosen = _by_language(template, languages)
     return outbox.Columns(
         variant=str(variant.pk) if variant else "NULL",
-        template=str(template.pk),
+        template=chosen.template,
+        template_params=chosen.template_params,
         slug="%s",
-        language="%s",
-        params=[template.slug, template.language],
+        language=chosen.language,
+        params=[template.slug, *chosen.language_params],
+        timing=_local_timing(campaign, now) if campaign.send_in_local_time else None,
     )
+
+
+# --- Translations: each contact gets the template in their language -----------------------
+
+
+def _contact_languages() -> list[str]:
+    """The languages contacts have (a handful; one pass over the table)."""
+    return sorted(Contact.objects.order_by().values_list("language", flat=True).distinct())
+
+
+@dataclass
+class _Translation:
+    template: str
+    template_params: list
+    language: str
+    language_params: list
+
+
+def translation(template: Template, language: str) -> tuple[int, str]:
+    """The row of ``template`` (by slug) a contact speaking ``language`` gets: theirs,
+    else the default language, else the template's own (as transactional mail falls
+    back, then to what the marketer chose)."""
+    try:
+        source = rendering.find_template(
+            template.slug, language or None, conf.get("DEFAULT_LANGUAGE"), template.language
+        )
+    except TemplateNotFound:
+        return template.pk, template.language
+    if source.template_id is None:  # a file template of that slug: keep the marketer's row
+        return template.pk, template.language
+    return source.template_id, source.language
+
+
+def _by_language(template: Template, languages: list[str]) -> _Translation:
+    """CASE over the contact's language for the translation's id and language; plain
+    values when every contact gets the same one."""
+    fallback = translation(template, "")
+    groups: dict[tuple[int, str], list[str]] = {}
+    for language in languages:
+        chosen = translation(template, language)
+        if chosen != fallback:
+            groups.setdefault(chosen, []).append(language)
+    if not groups:
+        return _Translation(str(fallback[0]), [], "%s", [fallback[1]])
+    ids, names, id_params, name_params = [], [], [], []
+    for (pk, name), spoken in groups.items():
+        marks = ", ".join(["%s"] * len(spoken))
+        ids.append(f"WHEN c.language IN ({marks}) THEN {int(pk)}")
+        names.append(f"WHEN c.language IN ({marks}) THEN %s")
+        id_params += spoken
+        name_params += [*spoken, name]
+    return _Translation(
+        f"CASE {' '.join(ids)} ELSE {int(fallback[0])} END",
+        id_params,
+        f"CASE {' '.join(names)} ELSE %s END",
+        [*name_params, fallback[1]],
+    )
+
+
+# --- Local time: each contact at the send time's clock time in their own zone ------------------
+
+#: The furthest a zone is ahead of UTC (Kiritimati) and behind it (Baker Island).
+MOST_AHEAD, MOST_BEHIND = timedelta(hours=14), timedelta(hours=12)
+
+
+def wall_time(campaign: Campaign) -> datetime:
+    """The clock time a local-time campaign goes at: its send time as the site reads it."""
+    site = localtime.zone_for(None, conf.site_timezone())
+    return (campaign.send_at or timezone.now()).astimezone(site).replace(tzinfo=None)
+
+
+def local_send_time(campaign: Campaign, zone_name: str) -> datetime:
+    """When the campaign's clock time comes in a contact's zone (the site's if it has none
+    or an unknown one), DST included."""
+    wall = wall_time(campaign)
+    tz = localtime.zone_for(zone_name, conf.site_timezone())
+    return localtime.at_wall_time(wall.date(), wall.time(), tz)
+
+
+def launch_time(campaign: Campaign) -> datetime | None:
+    """When beat launches the campaign: its send time, or for a local-time send, when the
+    first zone on Earth reaches its clock time (messages then wait for each zone's)."""
+    if campaign.send_at is None:
+        return None
+    if not campaign.send_in_local_time:
+        return campaign.send_at
+    return wall_time(campaign).replace(tzinfo=UTC) - MOST_AHEAD
+
+
+def _local_timing(campaign: Campaign, now: datetime) -> outbox.Timing:
+    """Each contact's send time by their zone: queued now if it has passed (a Send now,
+    or a launch that came late), else scheduled for it (beat releases it then)."""
+    zones = sorted(Contact.objects.order_by().values_list("timezone", flat=True).distinct())
+    fallback = local_send_time(campaign, "")
+    groups: dict[datetime, list[str]] = {}
+    for name in zones:
+        at = local_send_time(campaign, name)
+        if at != fallback:
+            groups.setdefault(at, []).append(name)
+    prep = Message._meta.get_field("send_after").get_db_prep_value
+    stamp = prep(now, connection)
+    branches = [(names, at) for at, names in sorted(groups.items())] + [(None, fallback)]
+    status: list[tuple[str, list]] = []
+    queued: list[tuple[str, list]] = []
+    after: list[tuple[str, list]] = []
+    for _names, at in branches:
+        later = at > now
+        status.append(("'scheduled'" if later else "'queued'", []))
+        queued.append(("NULL", []) if later else ("%s", [stamp]))
+        after.append(("%s", [prep(at, connection)]) if later else ("NULL", []))
+    conditions = [names for names, _ in branches]
+    status_sql, status_params = _zone_case(conditions, status)
+    queued_sql, queued_params = _zone_case(conditions, queued)
+    after_sql, after_params = _zone_case(conditions, after)
+    return outbox.Timing(
+        status_sql, status_params, queued_sql, queued_params, after_sql, after_params
+    )
+
+
+def _zone_case(conditions: list, values: list[tuple[str, list]]) -> tuple[str, list]:
+    """CASE over the contact's zone: one branch per group of zones, the last the rest.
+    Branches that all give the same value collapse to it (so NULL keeps its column type)."""
+    if len({(sql, tuple(params)) for sql, params in values}) == 1:
+        return values[-1]
+    sql, params = "CASE", []
+    for names, (value, value_params) in zip(conditions, values, strict=True):
+        if names is None:
+            sql += f" ELSE {value} END"
+        else:
+            sql += f" WHEN c.timezone IN ({', '.join(['%s'] * len(names))}) THEN {value}"
+            params += names
+        params += value_params
+    return sql, params
 
 
 def finish_campaigns(now: datetime | None = None, *, ids: list[int] | None = None) -> int:

@@ -34,6 +34,8 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         conf.webhook_max_age,
         conf.template_limits,
         redact.secret_keys,
+        conf.frequency_cap,
+        conf.drip_settings,
     ):
         try:
             read()

@@ -563,3 +563,91 @@ def api_rate(value: str | None = None) -> tuple[int, int] | None:
             "'10000/h' (a whole number of requests)."
         )
     return int(float(match.group(1))), _PERIODS[match.group(2)]
+
+
+# --- Drip series and the frequency cap (README: "Drip series") -----------------------------
+
+DEFAULTS.update(
+    {
+        # Marketing email (campaigns and drips together; never transactional) each contact
+        # may get per calendar day and ISO week in their own time zone: {"day": 1,
+        # "week": 3}. None: no cap. A capped drip step waits for the next allowed day.
+        "FREQUENCY_CAP": {"day": None, "week": None},
+        # The beat tick that moves drip enrollments along.
+        "DRIPS": {
+            # Enrollments advanced per transaction (each locked, skipped by other ticks).
+            "BATCH_SIZE": 1000,
+            # A tick hands over to the next after this many seconds.
+            "TICK_SECONDS": 30,
+            # How often a decision still waiting for an open or click looks again.
+            "DECIDE_RECHECK": 3600,
+            # A step due in its send window may still go this many seconds after it closed
+            # (the tick came late); later, it waits for the next opening.
+            "WINDOW_GRACE": 900,
+            # An active enrollment due longer ago than this is reported and queued again.
+            "STUCK_AFTER": 600,
+        },
+    }
+)
+TASK_QUEUES.update(
+    {
+        "mailer.tasks.advance_drips": "campaign",
+        "mailer.tasks.drip_entries": "campaign",
+        "mailer.tasks.check_drips": "campaign",
+    }
+)
+
+#: The windows a frequency cap may count, as MAILER['FREQUENCY_CAP'] names them.
+CAP_WINDOWS = ("day", "week")
+
+
+def frequency_cap() -> dict[str, int]:
+    """MAILER['FREQUENCY_CAP'] as {"day": n, "week": m}, only the windows that cap."""
+    configured = get("FREQUENCY_CAP") or {}
+    if not isinstance(configured, dict):
+        raise MailerConfigurationError(
+            "MAILER['FREQUENCY_CAP'] must be a dict like {'day': 1, 'week': 3}."
+        )
+    caps: dict[str, int] = {}
+    for window, value in configured.items():
+        if window not in CAP_WINDOWS:
+            raise MailerConfigurationError(
+                f"MAILER['FREQUENCY_CAP'] has an unknown window {window!r}; use day or week."
+            )
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MailerConfigurationError(
+                f"MAILER['FREQUENCY_CAP'][{window!r}] must be a whole number of emails "
+                f"(at least 1) or None, not {value!r}."
+            )
+        caps[window] = value
+    return caps
+
+
+def drips(name: str) -> float:
+    """One of MAILER['DRIPS']'s numbers, checked positive."""
+    value = get("DRIPS")[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise MailerConfigurationError(
+            f"MAILER['DRIPS'][{name!r}] is {value!r}: it must be a positive number."
+        )
+    return value
+
+
+def drip_settings() -> dict[str, float]:
+    """MAILER['DRIPS'] over its defaults, every key known and positive (checks E001)."""
+    configured = get("DRIPS")
+    unknown = sorted(set(configured) - set(DEFAULTS["DRIPS"]))
+    if unknown:
+        raise MailerConfigurationError(
+            f"MAILER['DRIPS'] has an unknown key {unknown[0]!r}; the keys are "
+            f"{', '.join(DEFAULTS['DRIPS'])}."
+        )
+    return {name: drips(name) for name in configured}
+
+
+def site_timezone() -> str:
+    """Django's TIME_ZONE: whose clock a local-time campaign's send time is read in, and
+    the zone of its contacts without one."""
+    return str(settings.TIME_ZONE or "UTC")

@@ -23,7 +23,7 @@ from datetime import datetime
 from queue import Empty, SimpleQueue
 
 import redis
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.db import connection as db_connection
 from django.utils import timezone
 
@@ -32,6 +32,7 @@ from . import (
     conf,
     counters,
     dispatch,
+    frequency,
     outbox,
     quota,
     ratelimit,
@@ -516,6 +517,18 @@ def suppressed_addresses(addresses: list[str], queue: str) -> set[str]:
     )
 
 
+def hold_capped(messages: list[Message], token: uuid.UUID) -> set[int]:
+    """Campaign emails whose contact has had the frequency cap's worth of marketing mail
+    today or this week go back, scheduled for the first day with room; the rest are sent.
+    Nothing to do (no query) without a cap."""
+    if not conf.frequency_cap():
+        return set()
+    with transaction.atomic():
+        held = frequency.hold_capped(messages)
+        outbox.defer(held, token)
+    return set(held)
+
+
 def provider_id(email: PreparedEmail) -> str:
     status = getattr(email, "anymail_status", None)
     if status is not None and status.message_id not in (None, ""):  # 0 is an id too
@@ -557,6 +570,11 @@ def send_batch(
             if own:
                 shared.close()
     db = shared.db
+    if queue == Queue.CAMPAIGN:
+        held = db(hold_capped, messages, token)
+        if held:
+            result.released += len(held)
+            messages = [m for m in messages if m.pk not in held]
     run = _Run(
         messages=messages,
         queue=queue,

@@ -49,6 +49,11 @@ class CampaignError(FieldError):
     """A campaign that cannot make this move: not ready, wrong status, in the past."""
 
 
+class DripError(FieldError):
+    """A drip series or enrollment that cannot make this move: a draft series, an unknown
+    series or event name, a step that cannot run."""
+
+
 class HeaderInjection(FieldError, ValueError):
     """A value bound for a header carries CR, LF or another control character; a
     ValidationError too, so a model field's validator shows it on its form field."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -75,6 +76,18 @@ def check_header_fields(instance: models.Model, fields=None) -> None:
             header_safe(getattr(instance, field.attname), field.name)
 
 
+def valid_timezone(value: str) -> None:
+    """An IANA time zone name (``zoneinfo``), or empty."""
+    if not value:
+        return
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(
+            f"{value!r} is not a time zone name such as Europe/Paris or America/New_York."
+        ) from None
+
+
 class Tag(models.Model):
     """A label on contacts, for segments."""
 
@@ -98,7 +111,12 @@ class Contact(models.Model):
     email = models.EmailField(max_length=254, unique=True, help_text="Stored lower-case.")
     name = models.CharField(max_length=200, blank=True, validators=[header_safe])
     language = models.CharField(max_length=10, blank=True)
-    timezone = models.CharField(max_length=64, blank=True)
+    timezone = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[valid_timezone],
+        help_text="IANA name, e.g. Europe/Paris; drips and local-time campaigns use it.",
+    )
     attributes = models.JSONField(default=dict, blank=True)
     tags = models.ManyToManyField(Tag, blank=True, related_name="contacts")
     user = models.OneToOneField(
@@ -290,7 +308,12 @@ class CampaignStatus(models.TextChoices):
 
 class CampaignQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> CampaignQuerySet:
-        return self.filter(status=CampaignStatus.SCHEDULED, send_at__lte=now or timezone.now())
+        """Scheduled and due; a local-time send may be due up to 26 hours before its send
+        time (the first zone on Earth reaches its clock time; ``campaigns.launch_time``)."""
+        now = now or timezone.now()
+        return self.filter(status=CampaignStatus.SCHEDULED).filter(
+            Q(send_at__lte=now) | Q(send_in_local_time=True, send_at__lte=now + timedelta(hours=26))
+        )
 
     def running(self) -> CampaignQuerySet:
         return self.filter(status__in=CampaignStatus.running())
@@ -332,6 +355,11 @@ class Campaign(models.Model):
     reply_to = models.EmailField(blank=True, validators=[header_safe])
     send_at = models.DateTimeField(
         null=True, blank=True, help_text="When to send; empty means when you press Send now."
+    )
+    send_in_local_time = models.BooleanField(
+        default=False,
+        help_text="Send at the send time's clock time in each contact's own time zone "
+        "(contacts without one: the site's). The send spreads over the time zones.",
     )
     status = models.CharField(
         max_length=20, choices=CampaignStatus.choices, default=CampaignStatus.DRAFT, db_index=True
@@ -549,6 +577,23 @@ class Message(models.Model):
     variant = models.ForeignKey(
         Variant, null=True, blank=True, on_delete=models.SET_NULL, related_name="messages"
     )
+    # A drip step's email: one per (enrollment, step), never two (constraint below).
+    enrollment = models.ForeignKey(
+        "Enrollment",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="messages",
+        db_index=False,
+    )
+    drip_step = models.ForeignKey(
+        "DripStep",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="messages",
+        db_index=False,
+    )
     template_slug = models.SlugField(max_length=100, db_index=False)
     language = models.CharField(max_length=10, blank=True)
     context = models.JSONField(default=dict, blank=True)
@@ -587,6 +632,11 @@ class Message(models.Model):
                 name="mailer_msg_one_per_campaign_contact",
             ),
             models.UniqueConstraint(fields=("idempotency_key",), name="mailer_msg_idempotency_key"),
+            models.UniqueConstraint(
+                fields=("enrollment", "drip_step"),
+                condition=Q(enrollment__isnull=False),
+                name="mailer_msg_one_per_enrollment_step",
+            ),
         ]
         # Every index costs each of the million inserts a campaign launch makes, so only
         # equality lookups here: Meta indexes skip the LIKE twin a db_index column gets.
@@ -600,6 +650,12 @@ class Message(models.Model):
             models.Index(fields=("status", "send_after"), name="mailer_msg_status_due"),
             models.Index(fields=("status", "claimed_at"), name="mailer_msg_status_claim"),
             models.Index(fields=("to_email",), name="mailer_msg_to"),
+            # A drip step's funnel; partial, so campaign inserts never touch it.
+            models.Index(
+                fields=("drip_step", "status"),
+                condition=Q(drip_step__isnull=False),
+                name="mailer_msg_drip_step",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -953,3 +1009,443 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_type} → {self.endpoint}"
+
+
+# --- Drip series: ordered steps, and the contacts going through them ------------------------
+
+_WEEKDAYS = RegexValidator(
+    r"^(?!.*(.).*\1)[1-7]{0,7}$",
+    "Weekdays as digits from 1 (Monday) to 7 (Sunday), each once: 12345 is Monday to Friday.",
+)
+_EVENT_NAME = RegexValidator(
+    r"^[A-Za-z0-9_.:\-]{1,100}$", "An event name: letters, digits and _ . : - only."
+)
+
+
+class SendWindow(models.Model):
+    """When email may go out: these weekdays, between these clock times, in the contact's
+    time zone. Empty fields: any day, any time (a step's empty fields: its series')."""
+
+    window_days = models.CharField(
+        "send on",
+        max_length=7,
+        blank=True,
+        validators=[_WEEKDAYS],
+        help_text="Weekdays as digits, 1 = Monday … 7 = Sunday (12345: Monday to Friday). "
+        "Empty: every day.",
+    )
+    window_start = models.TimeField("from", null=True, blank=True)
+    window_end = models.TimeField("until", null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    def clean(self) -> None:
+        super().clean()
+        start, end = self.window_start, self.window_end
+        if (start is None) != (end is None):
+            raise ValidationError({"window_end": "Give both ends of the send window, or neither."})
+        if start is not None and start >= end:
+            raise ValidationError(
+                {"window_end": "The window ends after it starts, on the same day."}
+            )
+
+    @property
+    def has_window(self) -> bool:
+        return bool(self.window_days) or self.window_start is not None
+
+
+class DripSeriesStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    ACTIVE = "active", "Active"
+    PAUSED = "paused", "Paused"
+    ARCHIVED = "archived", "Archived"
+
+
+class DripTrigger(models.TextChoices):
+    MANUAL = "manual", "Only by mailer.api.enroll (or the admin)"
+    EVENT = "event", "An event (mailer.api.trigger, or a signal such as user_registered)"
+    SEGMENT = "segment", "Entering a segment"
+    ANNIVERSARY = "anniversary", "A date attribute's anniversary (a birthday)"
+
+
+class Reentry(models.TextChoices):
+    ONCE = "once", "Once ever"
+    COOLDOWN = "cooldown", "Again after a cooldown"
+    ALWAYS = "always", "Every time (never while still in the series)"
+
+
+class DripSeriesQuerySet(models.QuerySet):
+    def accepting(self) -> DripSeriesQuerySet:
+        """Series that take new enrollments (a paused one holds them where they are)."""
+        return self.filter(status__in=(DripSeriesStatus.ACTIVE, DripSeriesStatus.PAUSED))
+
+    def running(self) -> DripSeriesQuerySet:
+        return self.filter(status=DripSeriesStatus.ACTIVE)
+
+
+class DripSeries(SendWindow):
+    """An ordered list of steps (send, wait, decide) that contacts enter and go through."""
+
+    Status = DripSeriesStatus
+    Trigger = DripTrigger
+    Reentry = Reentry
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    status = models.CharField(
+        max_length=10, choices=DripSeriesStatus.choices, default=DripSeriesStatus.DRAFT
+    )
+    trigger = models.CharField(
+        max_length=20, choices=DripTrigger.choices, default=DripTrigger.MANUAL
+    )
+    trigger_event = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[_EVENT_NAME],
+        help_text="For an event trigger: e.g. user_registered or cart_abandoned.",
+    )
+    entry_segment = models.ForeignKey(
+        Segment, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    anniversary_attribute = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[
+            RegexValidator(
+                r"^[A-Za-z][A-Za-z0-9_\-]{0,99}$",
+                "An attribute name starts with a letter and uses letters, digits, - and _.",
+            )
+        ],
+        help_text="For an anniversary: the contact attribute holding a date (YYYY-MM-DD).",
+    )
+    reentry = models.CharField(max_length=10, choices=Reentry.choices, default=Reentry.ONCE)
+    reentry_cooldown = models.DurationField(
+        null=True, blank=True, help_text="For re-entry after a cooldown: since the last exit."
+    )
+    goal_segment = models.ForeignKey(
+        Segment,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="A contact who enters this segment has reached the goal and leaves.",
+    )
+    goal_event = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[_EVENT_NAME],
+        help_text="An event (mailer.api.trigger) that means the goal is reached, e.g. purchased.",
+    )
+    timezone = models.CharField(
+        max_length=64,
+        default="UTC",
+        validators=[valid_timezone],
+        help_text="For contacts without a time zone of their own.",
+    )
+    requires_consent = models.BooleanField(
+        default=True,
+        help_text="Only contacts who gave marketing consent. Turn off for mail a new user "
+        "expects, such as onboarding; unsubscribes and suppressions always apply.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = DripSeriesQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("name",)
+        verbose_name = "drip series"
+        verbose_name_plural = "drip series"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        errors = {}
+        if self.trigger == DripTrigger.EVENT and not self.trigger_event:
+            errors["trigger_event"] = "Name the event that enrolls contacts."
+        if self.trigger == DripTrigger.SEGMENT and not self.entry_segment_id:
+            errors["entry_segment"] = "Choose the segment whose new members enroll."
+        if self.trigger == DripTrigger.ANNIVERSARY and not self.anniversary_attribute:
+            errors["anniversary_attribute"] = "Name the date attribute, e.g. birthday."
+        if self.reentry == Reentry.COOLDOWN and not self.reentry_cooldown:
+            errors["reentry_cooldown"] = "Give the cooldown."
+        if self.trigger == DripTrigger.SEGMENT and self.reentry == Reentry.ALWAYS:
+            errors["reentry"] = (
+                "A contact stays in a segment: with 'every time' it would start over as soon "
+                "as it finished. Choose once, or after a cooldown."
+            )
+        if errors:
+            raise ValidationError(errors)
+
+
+def duration(value: timedelta | None) -> str:
+    """A delay as people say it: "1 day", "2 days 3 hours", "30 minutes"."""
+    if not value:
+        return "—"
+    seconds = int(value.total_seconds())
+    parts = []
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {name}{'s' if count != 1 else ''}")
+    return " ".join(parts) or "0 seconds"
+
+
+class StepKind(models.TextChoices):
+    SEND = "send", "Send an email"
+    WAIT = "wait", "Wait"
+    DECIDE = "decide", "Decide"
+
+
+class WaitFrom(models.TextChoices):
+    PREVIOUS = "previous", "after the previous step"
+    ENROLLMENT = "enrollment", "after enrollment"
+
+
+class Condition(models.TextChoices):
+    OPENED = "opened", "The previous email was opened"
+    CLICKED = "clicked", "The previous email was clicked"
+    OPENED_ANY = "opened_any", "Any email of this series was opened"
+    CLICKED_ANY = "clicked_any", "Any email of this series was clicked"
+    IN_SEGMENT = "segment", "The contact is in a segment"
+
+
+class Branch(models.TextChoices):
+    CONTINUE = "continue", "Continue with the next step"
+    JUMP = "jump", "Jump to a later step"
+    EXIT = "exit", "End the series for this contact"
+
+
+class DripStep(SendWindow):
+    """One step of a series, run in ``position`` order; gaps let a step be put in between.
+
+    A step added to a live series reaches every contact that has not passed its position;
+    a removed one is skipped.
+    """
+
+    Kind = StepKind
+    WaitFrom = WaitFrom
+    Condition = Condition
+    Branch = Branch
+
+    series = models.ForeignKey(DripSeries, on_delete=models.CASCADE, related_name="steps")
+    position = models.PositiveIntegerField(help_text="Steps run in this order (10, 20, 30…).")
+    kind = models.CharField(max_length=10, choices=StepKind.choices, default=StepKind.SEND)
+    name = models.CharField(max_length=200, blank=True)
+    template = models.ForeignKey(
+        Template,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        limit_choices_to={"purpose": "marketing"},
+        help_text="For a send step; each contact gets its translation in their language.",
+    )
+    delay = models.DurationField(null=True, blank=True, help_text="For a wait step.")
+    delay_from = models.CharField(
+        max_length=10, choices=WaitFrom.choices, default=WaitFrom.PREVIOUS
+    )
+    condition = models.CharField(max_length=20, choices=Condition.choices, blank=True)
+    condition_window = models.DurationField(
+        null=True,
+        blank=True,
+        help_text="For opens and clicks: how long to wait for one (from the email's "
+        "sending; for 'any email', from reaching this step). Empty: decide at once.",
+    )
+    condition_segment = models.ForeignKey(
+        Segment, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    if_yes = models.CharField(max_length=10, choices=Branch.choices, default=Branch.CONTINUE)
+    yes_step = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    if_no = models.CharField(max_length=10, choices=Branch.choices, default=Branch.CONTINUE)
+    no_step = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ("series", "position")
+        constraints = [
+            models.UniqueConstraint(fields=("series", "position"), name="mailer_dripstep_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.position}. {self.name or self.describe()}"
+
+    def describe(self) -> str:
+        """The step in words, for the admin's flow."""
+        if self.kind == StepKind.SEND:
+            return f"send {self.template.slug if self.template_id else '(no template)'}"
+        if self.kind == StepKind.WAIT:
+            return f"wait {duration(self.delay)} {self.get_delay_from_display()}"
+        what = self.get_condition_display() if self.condition else "(no condition)"
+        if self.condition == Condition.IN_SEGMENT and self.condition_segment_id:
+            what = f"in segment {self.condition_segment}"
+        if self.condition_window and self.condition != Condition.IN_SEGMENT:
+            what += f" within {duration(self.condition_window)}"
+        return f"if {what.lower()}: {self._branch('yes')}; else: {self._branch('no')}"
+
+    def _branch(self, which: str) -> str:
+        branch, target = getattr(self, f"if_{which}"), getattr(self, f"{which}_step")
+        if branch == Branch.JUMP:
+            return f"jump to step {target.position}" if target else "continue"
+        return "end" if branch == Branch.EXIT else "continue"
+
+    def clean(self) -> None:
+        super().clean()
+        errors = {}
+        if self.kind == StepKind.SEND and not self.template_id:
+            errors["template"] = "A send step needs a template."
+        if self.kind == StepKind.WAIT and not self.delay:
+            errors["delay"] = "A wait step needs a delay."
+        if self.kind == StepKind.DECIDE:
+            if not self.condition:
+                errors["condition"] = "A decide step needs a condition."
+            elif self.condition == Condition.IN_SEGMENT and not self.condition_segment_id:
+                errors["condition_segment"] = "Choose the segment."
+            for which in ("yes", "no"):
+                target = getattr(self, f"{which}_step")
+                if getattr(self, f"if_{which}") != Branch.JUMP:
+                    continue
+                if target is None:
+                    errors[f"{which}_step"] = "Choose the step to jump to."
+                elif target.series_id != self.series_id or (
+                    self.position is not None and target.position <= self.position
+                ):
+                    errors[f"{which}_step"] = "Jump only to a later step of this series."
+        if errors:
+            raise ValidationError(errors)
+
+
+class EnrollmentState(models.TextChoices):
+    ACTIVE = "active", "In the series"
+    COMPLETED = "completed", "Completed"
+    EXITED = "exited", "Exited"
+
+
+class ExitReason(models.TextChoices):
+    END = "end", "Reached the end"
+    DECIDED = "decided", "Ended by a decision"
+    GOAL_SEGMENT = "goal_segment", "Reached the goal segment"
+    GOAL_EVENT = "goal_event", "Reached the goal event"
+    UNSUBSCRIBED = "unsubscribed", "Unsubscribed"
+    SUPPRESSED = "suppressed", "Suppressed"
+    NO_CONSENT = "no_consent", "No marketing consent"
+    REMOVED = "removed", "Removed by a marketer"
+
+
+class EnrollmentQuerySet(models.QuerySet):
+    def active(self) -> EnrollmentQuerySet:
+        return self.filter(state=EnrollmentState.ACTIVE)
+
+    def overdue(self, seconds: float, now: datetime | None = None) -> EnrollmentQuerySet:
+        """Active in a running series, and due longer ago than ``seconds``: no tick got to
+        them (beat stopped, a task was lost, a tick keeps failing)."""
+        cutoff = (now or timezone.now()) - timedelta(seconds=seconds)
+        return self.filter(
+            state=EnrollmentState.ACTIVE,
+            series__status=DripSeriesStatus.ACTIVE,
+            next_due_at__lt=cutoff,
+        )
+
+
+class Enrollment(models.Model):
+    """One contact going through one series: where it stands and when it next moves."""
+
+    State = EnrollmentState
+    ExitReason = ExitReason
+
+    series = models.ForeignKey(DripSeries, on_delete=models.CASCADE, related_name="enrollments")
+    contact = models.ForeignKey(Contact, on_delete=models.CASCADE, related_name="enrollments")
+    state = models.CharField(
+        max_length=10, choices=EnrollmentState.choices, default=EnrollmentState.ACTIVE
+    )
+    # The next step to run is the first with a position at least this (so a step put in
+    # between reaches the contact, a removed one is skipped), at next_due_at.
+    next_position = models.PositiveIntegerField(default=0)
+    next_due_at = models.DateTimeField(null=True, blank=True)
+    step = models.ForeignKey(
+        DripStep,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The step it waits at (or left from).",
+    )
+    step_started_at = models.DateTimeField(null=True, blank=True)
+    last_step_at = models.DateTimeField(null=True, blank=True)
+    entered_at = models.DateTimeField(default=timezone.now)
+    exited_at = models.DateTimeField(null=True, blank=True)
+    exit_reason = models.CharField(max_length=20, choices=ExitReason.choices, blank=True)
+    source = models.CharField(max_length=120, blank=True, help_text="How it entered.")
+    # Set for enrollments that must happen at most once per key (an anniversary's year).
+    key = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001
+    data = models.JSONField(
+        default=dict, blank=True, help_text="The event's data: templates see it."
+    )
+    note = models.TextField(blank=True, help_text="Why it waits, or what went wrong.")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = EnrollmentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ("-entered_at",)
+        constraints = [
+            # Never in the same series twice at once, whatever the re-entry policy.
+            models.UniqueConstraint(
+                fields=("series", "contact"),
+                condition=Q(state="active"),
+                name="mailer_enrollment_one_active",
+            ),
+            models.UniqueConstraint(
+                fields=("series", "contact", "key"),
+                condition=Q(key__isnull=False),
+                name="mailer_enrollment_key",
+            ),
+        ]
+        indexes = [
+            # The beat tick's read: a series' due enrollments, oldest first.
+            models.Index(
+                fields=("series", "next_due_at"),
+                condition=Q(state="active"),
+                name="mailer_enrollment_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contact} in {self.series}"
+
+
+class StepOutcome(models.TextChoices):
+    SENT = "sent", "Email made"
+    FAILED = "failed", "Failed"
+    WAITED = "waited", "Waited"
+    YES = "yes", "Condition met"
+    NO = "no", "Condition not met"
+
+
+class DripStepRun(models.Model):
+    """A step an enrollment went through (once per enrollment and step): the funnel."""
+
+    Outcome = StepOutcome
+
+    enrollment = models.ForeignKey(
+        Enrollment, on_delete=models.CASCADE, related_name="runs", db_index=False
+    )
+    step = models.ForeignKey(DripStep, on_delete=models.CASCADE, related_name="runs")
+    at = models.DateTimeField()
+    outcome = models.CharField(max_length=10, choices=StepOutcome.choices)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ("at", "id")
+        constraints = [
+            models.UniqueConstraint(fields=("enrollment", "step"), name="mailer_dripstep_run_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step} {self.outcome}"

@@ -41,6 +41,7 @@ from .models import (
     CampaignStatus,
     Claim,
     Contact,
+    Enrollment,
     Event,
     Kind,
     Message,
@@ -770,6 +771,17 @@ def release(
         return held.update(**fields)
 
 
+def defer(held: dict[int, tuple[datetime, str]], token: uuid.UUID) -> int:
+    """Hand claimed messages back scheduled for later, saying why (the frequency cap):
+    beat releases each when its time comes. Attempts are not counted."""
+    moved = 0
+    for pk, (until, why) in sorted(held.items()):
+        moved += Message.objects.filter(pk=pk, status=S.SENDING, claim_token=token).update(
+            status=S.SCHEDULED, claim_token=None, send_after=until, last_error=why[:2000]
+        )
+    return moved
+
+
 # --- Waking, retrying and recovering -----------------------------------------------------
 
 
@@ -1054,39 +1066,148 @@ def analyze_audience_tables() -> None:
 
 
 @dataclass
+class Timing:
+    """SQL fragments (with their parameters) for when each recipient's message goes:
+    its status, queued_at and send_after. Default: queued now."""
+
+    status: str = "'queued'"
+    status_params: list = field(default_factory=list)
+    queued_at: str = "%s"
+    queued_at_params: list | None = None  # None: [now]
+    send_after: str = "NULL"
+    send_after_params: list = field(default_factory=list)
+
+
+@dataclass
 class Columns:
-    """SQL fragments choosing each recipient's variant and template (integers only)."""
+    """SQL fragments choosing each recipient's variant, template (and translation), and
+    when it goes; ``params`` are the slug's then the language's."""
 
     variant: str
     template: str
     slug: str
     language: str
     params: list
+    template_params: list = field(default_factory=list)
+    timing: Timing | None = None
 
 
 def insert_campaign_messages(
     campaign_id: int, columns: Columns, ids_sql: str, ids_params: list, condition: str, now
 ) -> int:
-    """INSERT … SELECT one queued message per contact id the audience query yields.
+    """INSERT … SELECT one message per contact id the audience query yields: queued, or
+    scheduled for the contact's own time (``columns.timing``).
 
     ON CONFLICT DO NOTHING on (campaign, contact): running it twice adds nobody twice.
     """
     uuid_sql = "gen_random_uuid()" if postgres() else "lower(hex(randomblob(16)))"
+    timing = columns.timing or Timing()
+    queued_params = [now] if timing.queued_at_params is None else timing.queued_at_params
     # Only integers and fixed SQL fragments are formatted in; values are parameters.
     sql = f"""
         INSERT INTO mailer_message (
             uuid, kind, status, to_email, contact_id, template_id, campaign_id, variant_id,
             template_slug, language, context, metadata, subject, attempts, last_error,
-            provider_message_id, created_at, queued_at, updated_at
+            provider_message_id, created_at, queued_at, updated_at, send_after
         )
-        SELECT {uuid_sql}, 'campaign', 'queued', c.email, c.id, {columns.template}, %s,
+        SELECT {uuid_sql}, 'campaign', {timing.status}, c.email, c.id, {columns.template}, %s,
                {columns.variant}, {columns.slug}, {columns.language}, '{{}}', '{{}}', '', 0,
-               '', '', %s, %s, %s
+               '', '', %s, {timing.queued_at}, %s, {timing.send_after}
         FROM mailer_contact c
         WHERE c.id IN ({ids_sql}) AND c.id > %s AND c.id <= %s AND {condition}
         ON CONFLICT DO NOTHING
     """  # noqa: S608
-    return _run(sql, [campaign_id, *columns.params, now, now, now, *ids_params])
+    params = [
+        *timing.status_params,
+        *columns.template_params,
+        campaign_id,
+        *columns.params,
+        now,
+        *queued_params,
+        now,
+        *timing.send_after_params,
+        *ids_params,
+    ]
+    return _run(sql, params)
+
+
+# --- Drip enrollments: their steps' messages, bulk moves, SQL entries ------------------------
+
+
+def add_drip_messages(messages: list[Message]) -> int:
+    """Insert drip steps' messages; one per (enrollment, step) ever, so a step run twice
+    (a redelivered tick, a restart) adds nothing the second time. Returns how many."""
+    if not messages:
+        return 0
+    before = len(messages)
+    created = Message.objects.bulk_create(messages, batch_size=1000, ignore_conflicts=True)
+    return len(created) if created is not None else before
+
+
+def cancel_enrollment_messages(enrollment_ids: list[int], note: str) -> int:
+    """Cancel the unsent messages of enrollments a marketer removed."""
+    if not enrollment_ids:
+        return 0
+    return Message.objects.filter(enrollment_id__in=enrollment_ids, status__in=S.unsent()).update(
+        status=S.CANCELLED, last_error=note[:2000]
+    )
+
+
+#: The columns a tick writes back to each enrollment it advanced.
+ENROLLMENT_COLUMNS = (
+    "state", "next_position", "next_due_at", "step_id", "step_started_at", "last_step_at",
+    "exited_at", "exit_reason", "note",
+)  # fmt: skip
+
+_ENROLLMENTS_SQL = """
+UPDATE mailer_enrollment AS e
+   SET state = v.state, next_position = v.next_position, next_due_at = v.next_due_at,
+       step_id = v.step_id, step_started_at = v.step_started_at,
+       last_step_at = v.last_step_at, exited_at = v.exited_at, exit_reason = v.exit_reason,
+       note = v.note, updated_at = %s
+  FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::timestamptz[], %s::bigint[],
+              %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::text[])
+       AS v(id, state, next_position, next_due_at, step_id, step_started_at, last_step_at,
+            exited_at, exit_reason, note)
+ WHERE e.id = v.id
+"""
+
+
+def update_enrollments(rows: list[tuple], now: datetime) -> int:
+    """Write what a tick decided: ``rows`` are (id, *ENROLLMENT_COLUMNS) tuples; one
+    statement on PostgreSQL however many."""
+    if not rows:
+        return 0
+    if postgres():
+        columns = list(zip(*rows, strict=True))
+        return _run(_ENROLLMENTS_SQL, [now, *[list(column) for column in columns]])
+    for pk, *values in rows:
+        Enrollment.objects.filter(pk=pk).update(
+            updated_at=now, **dict(zip(ENROLLMENT_COLUMNS, values, strict=True))
+        )
+    return len(rows)
+
+
+def insert_enrollments(
+    series_id: int, ids_sql: str, ids_params: list, *, now: datetime, source: str, key: str | None
+) -> int:
+    """INSERT … SELECT one active enrollment per contact id ``ids_sql`` yields, due now.
+
+    ON CONFLICT DO NOTHING: a contact already in the series (or already enrolled under
+    ``key``, an anniversary's year) is left as it is.
+    """
+    sql = f"""
+        INSERT INTO mailer_enrollment (
+            series_id, contact_id, state, next_position, next_due_at, entered_at, updated_at,
+            exit_reason, source, key, data, note
+        )
+        SELECT %s, c.id, 'active', 0, %s, %s, %s, '', %s, %s, '{{}}', ''
+        FROM mailer_contact c
+        WHERE c.id IN ({ids_sql})
+        ON CONFLICT DO NOTHING
+    """  # noqa: S608 - the ids query is Django's, values are parameters
+    at = Enrollment._meta.get_field("entered_at").get_db_prep_value(now, connection)
+    return _run(sql, [series_id, at, at, at, source[:120], key, *ids_params])
 
 
 # --- What events do to a message --------------------------------------------------------------

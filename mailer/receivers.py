@@ -7,7 +7,18 @@ import threading
 
 from billiard.process import active_children
 
-from . import accounts, conf, delivery, dispatch, health, notify, rendering, tracking, unsubscribe
+from . import (
+    accounts,
+    conf,
+    delivery,
+    dispatch,
+    drips,
+    health,
+    notify,
+    rendering,
+    tracking,
+    unsubscribe,
+)
 from .models import Queue, check_header_fields
 
 logger = logging.getLogger(__name__)
@@ -15,6 +26,16 @@ logger = logging.getLogger(__name__)
 
 def on_user_registered(sender, user, request=None, **kwargs) -> None:
     accounts.welcome(user)
+
+
+def on_user_registered_drips(sender, user, request=None, **kwargs) -> None:
+    """Registration is the event ``user_registered``: it starts the onboarding series."""
+    drips.trigger("user_registered", drips.contact_for(user))
+
+
+def on_suppression_saved(sender, instance, created=False, **kwargs) -> None:
+    if created:
+        drips.exit_for_suppression(instance)
 
 
 def on_password_reset_requested(sender, user, reset_url, request=None, **kwargs) -> None:

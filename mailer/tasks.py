@@ -5,7 +5,17 @@ Routing lives in ``mailer.conf.route_task`` (the CELERY_TASK_ROUTES of the host)
 
 from celery import shared_task
 
-from . import abtest, accounts, alerts, campaigns, delivery, outbox, reputation, webhooks_out
+from . import (
+    abtest,
+    accounts,
+    alerts,
+    campaigns,
+    delivery,
+    drips,
+    outbox,
+    reputation,
+    webhooks_out,
+)
 from .models import Queue
 
 _RELIABLE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
@@ -81,3 +91,21 @@ def deliver_webhooks() -> int:
 def operator_alerts() -> int:
     """Beat: email ADMINS (throttled) when failed messages pile up."""
     return alerts.check_failed()
+
+
+@shared_task(name="mailer.tasks.advance_drips", **_RELIABLE)
+def advance_drips() -> int:
+    """Beat, and new enrollments: move due drip enrollments through their steps."""
+    return drips.tick().steps
+
+
+@shared_task(name="mailer.tasks.drip_entries", **_RELIABLE)
+def drip_entries() -> dict:
+    """Beat: enroll new members of entry segments, and today's anniversaries."""
+    return drips.run_entries()
+
+
+@shared_task(name="mailer.tasks.check_drips", **_RELIABLE)
+def check_drips() -> int:
+    """Beat: report and re-queue drip enrollments overdue without progress."""
+    return drips.check_stuck()

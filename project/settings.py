@@ -214,6 +214,16 @@ MAILER.update(
     }
 )
 
+# --- Drip series and the frequency cap (README: "Drip series") ------------------------------
+MAILER.update(
+    {
+        "FREQUENCY_CAP": {
+            "day": env.int("MAILER_FREQUENCY_CAP_DAY", default=0) or None,
+            "week": env.int("MAILER_FREQUENCY_CAP_WEEK", default=0) or None,
+        },
+    }
+)
+
 # --- The rest ---------------------------------------------------------------------------
 LANGUAGE_CODE = "en"
 LANGUAGES = [("en", "English"), ("fr", "French"), ("de", "German"), ("es", "Spanish")]

@@ -1,10 +1,21 @@
 """Load the demo: an admin account, a few templates and contacts. Idempotent."""
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from mailer.models import Campaign, Contact, Segment, SegmentRule, Suppression, Template
+from mailer.models import (
+    Campaign,
+    Contact,
+    DripSeries,
+    DripStep,
+    Segment,
+    SegmentRule,
+    Suppression,
+    Template,
+)
 
 DEMO_USER, DEMO_PASSWORD = "admin", "admin"  # noqa: S105 - demo only; refused without DEBUG
 
@@ -29,6 +40,61 @@ WELCOME_DE_HTML = """<html><head><style>h1 { color: #102a43; }</style></head><bo
 <p>Danke, dass Sie sich bei {{ app_name }} angemeldet haben.</p>
 <p><a href="{{ login_url }}">{{ app_name }} öffnen</a></p>
 </body></html>"""
+
+
+ONBOARDING = [
+    # slug, subject, what the email says
+    ("onboarding-welcome", "Welcome to {{ app_name }}", "Here is how to find your way around."),
+    ("onboarding-getting-started", "Getting started with {{ app_name }}", "Three first steps."),
+    ("onboarding-tips", "Tips from the {{ app_name }} team", "What our best users do."),
+]
+ONBOARDING_HTML = """<html><head><style>h1 {{ color: #102a43; }}</style></head><body>
+<h1>Hello {{{{ contact.first_name or "there" }}}}!</h1>
+<p>{text}</p>
+<p><a href="{{{{ site_url }}}}/">Open {{{{ app_name }}}}</a></p>
+<p style="font-size:12px;color:#627d98"><a href="{{{{ unsubscribe_url }}}}">Unsubscribe</a>
+· {{{{ postal_address }}}}</p>
+</body></html>"""
+
+
+def onboarding_series() -> DripSeries:
+    """Welcome at once, getting started a day later, tips a week after registering: the
+    last two only to contacts who have not clicked anything yet."""
+    templates = {}
+    for slug, subject, text in ONBOARDING:
+        templates[slug], _ = Template.objects.update_or_create(
+            slug=slug,
+            language="en",
+            defaults={
+                "purpose": Template.Purpose.MARKETING,
+                "description": "Onboarding series (demo)",
+                "subject": subject,
+                "html": ONBOARDING_HTML.format(text=text),
+            },
+        )
+    series, created = DripSeries.objects.get_or_create(
+        name="Onboarding (demo)",
+        defaults={
+            "description": "Started by registration (the user_registered signal).",
+            "status": DripSeries.Status.ACTIVE,
+            "trigger": DripSeries.Trigger.EVENT,
+            "trigger_event": "user_registered",
+            "requires_consent": False,
+        },
+    )
+    if created:
+        steps = [
+            {"kind": "send", "template": templates["onboarding-welcome"]},
+            {"kind": "wait", "delay": timedelta(days=1)},
+            {"kind": "decide", "condition": "clicked_any", "if_yes": "exit"},
+            {"kind": "send", "template": templates["onboarding-getting-started"]},
+            {"kind": "wait", "delay": timedelta(days=7), "delay_from": "enrollment"},
+            {"kind": "decide", "condition": "clicked_any", "if_yes": "exit"},
+            {"kind": "send", "template": templates["onboarding-tips"]},
+        ]
+        for index, step in enumerate(steps, start=1):
+            DripStep.objects.create(series=series, position=index * 10, **step)
+    return series
 
 
 class Command(BaseCommand):
@@ -93,6 +159,7 @@ class Command(BaseCommand):
             SegmentRule.objects.create(
                 segment=pro, field="attribute", attribute="plan", operator="eq", value="pro"
             )
+        onboarding_series()
         campaign, created = Campaign.objects.get_or_create(
             name="Spring newsletter (demo)", defaults={"template": newsletter}
         )

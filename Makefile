@@ -15,7 +15,7 @@ DEMO_PORT ?= 8000
 DEMO_ENV = DEBUG=1 WEB_CONCURRENCY=1 WORKER_CONCURRENCY=1 BIND_ADDRESS=127.0.0.1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint fmt bench bench-campaign bench-latency clean distclean
+.PHONY: help install demo test lint fmt bench bench-campaign bench-latency bench-drips bench-api clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS=...]"
@@ -68,9 +68,11 @@ LATENCY_ARGS ?=
 bench-latency: install ## Sending with a relay 10 ms / an ESP 100 ms away, and the rate limit
 	bash tests/services.sh run -- $(BIN)/python bench/latency.py $(LATENCY_ARGS)
 
-.PHONY: bench-drips
 bench-drips: install ## Drip ticks: 10k and 100k enrollments due in the same minute
 	bash tests/services.sh run -- $(BIN)/python bench/drips.py
+
+bench-api: install ## The HTTP API through gunicorn: single sends, batches, /metrics at 1M rows
+	bash tests/services.sh run -- $(BIN)/python bench/api.py
 
 lint: install ## ruff check + ruff format --check
 	$(BIN)/ruff check .

@@ -21,7 +21,7 @@ help: ## Show this help
 	@echo "Usage: make <target> [PYTHON=python3] [PYTEST_ARGS=...]"
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv and install requirements.txt + mailer (editable)
 

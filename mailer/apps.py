@@ -12,7 +12,10 @@ class MailerConfig(AppConfig):
         from django.core import checks
 
         from . import checks as mailer_checks
-        from . import receivers, signals
+
+        # ``tasks`` registers mailer's shared tasks in every process, not only workers: in
+        # eager mode (a host's tests) a task runs where it is sent, so it must be known there.
+        from . import receivers, signals, tasks  # noqa: F401
 
         signals.user_registered.connect(
             receivers.on_user_registered, dispatch_uid="mailer.user_registered"

@@ -6,12 +6,15 @@ import re
 from functools import partial
 
 from anymail.webhooks.base import AnymailCoreWebhookView
+from celery import current_app
+from django.apps import apps
+from django.conf import settings
 from django.core import checks
-from django.urls import URLResolver, get_resolver
+from django.urls import NoReverseMatch, URLResolver, get_resolver, reverse
 
-from . import conf, dkimsign
-from .exceptions import MailerConfigurationError
-from .models import Queue
+from . import conf, dkimsign, redact
+from .exceptions import HeaderInjection, MailerConfigurationError
+from .models import Queue, header_safe
 
 _SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*)(?:\.[A-Za-z0-9_-]+)*$")
 SMTP_BACKENDS = ("django.core.mail.backends.smtp.EmailBackend", "mailer.backends.SMTPBackend")
@@ -26,8 +29,6 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
             conf.quotas(queue)
         except MailerConfigurationError as exc:
             errors.append(checks.Error(str(exc), id="mailer.E001"))
-
-    from . import redact
 
     for read in (
         conf.quota_timezone,
@@ -115,11 +116,6 @@ def check_settings(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
 def check_sender() -> list[checks.CheckMessage]:
     """The sender settings reach every email's From header: a line break there breaks
     every email (or writes headers of its own)."""
-    from django.conf import settings
-
-    from .exceptions import HeaderInjection
-    from .models import header_safe
-
     values = {
         "MAILER['FROM_NAME']": conf.get("FROM_NAME"),
         "MAILER['FROM_EMAIL']": conf.get("FROM_EMAIL"),
@@ -258,8 +254,6 @@ def _views(patterns):
 def check_host(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     """What a host project must wire for mailer to send at all: said before ``migrate``
     or the first email fails, with what to do."""
-    from django.apps import apps
-
     errors: list[checks.CheckMessage] = []
     if not apps.is_installed("django_celery_beat"):
         errors.append(
@@ -304,8 +298,6 @@ def check_host(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
 
 
 def _urls_included() -> bool:
-    from django.urls import NoReverseMatch, reverse
-
     try:
         reverse("mailer:unsubscribe", args=["x"])
     except NoReverseMatch:
@@ -315,6 +307,4 @@ def _urls_included() -> bool:
 
 def _celery_app_configured() -> bool:
     """A host's Celery app is current; Celery's own fallback app is named 'default'."""
-    from celery import current_app
-
     return current_app.main != "default"

@@ -37,12 +37,6 @@ def enqueue(name: str, *, args: tuple = (), countdown: float | None = None) -> b
     """
     try:
         task = current_app.tasks.get(name)
-        if task is None and current_app.conf.task_always_eager:
-            # Eager mode (a host's tests): the task runs here, so it must be registered
-            # here; a web process has not imported mailer's tasks (workers do at start).
-            from . import tasks  # noqa: F401
-
-            task = current_app.tasks.get(name)
         if task is not None:
             task.apply_async(args=args, countdown=countdown)
         else:

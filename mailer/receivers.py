@@ -6,6 +6,7 @@ import signal
 import threading
 
 from billiard.process import active_children
+from celery.utils.imports import symbol_by_name
 
 from . import (
     accounts,
@@ -135,12 +136,10 @@ def on_worker_heartbeat_stop(sender=None, **kwargs) -> None:
 
 
 def on_beat_started(sender=None, **kwargs) -> None:
-    from celery.utils.imports import symbol_by_name
-
-    from .scheduler import Scheduler
-
+    # Resolved by name: importing mailer.scheduler here would load django-celery-beat's
+    # models in every process, before check E010 can say it is missing.
     scheduler = getattr(sender, "scheduler_cls", None)
-    if scheduler is not None and issubclass(symbol_by_name(scheduler), Scheduler):
+    if scheduler is not None and getattr(symbol_by_name(scheduler), "ticks_heartbeat", False):
         return  # mailer's scheduler writes the heartbeat from its tick
     health.start_heartbeat(health.beat_name(), "beat", [])
 

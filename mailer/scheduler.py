@@ -18,6 +18,7 @@ class Scheduler(DatabaseScheduler):
     the tick, it says beat schedules: a scheduler stuck on a lock or a lost database shows
     as beat down in ``/health/ready``. Run beat with ``-S mailer.scheduler:Scheduler``."""
 
+    ticks_heartbeat = True  # read by receivers.on_beat_started: no heartbeat thread
     _heartbeat_at = float("-inf")
 
     def tick(self, *args, **kwargs):
